@@ -1,0 +1,29 @@
+# The two set-up commands in README.md are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/anyflow: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the pinned CPU wheel, so nothing else can pull a CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[all]'
+	touch $@
+
+install: $(BIN)/anyflow
+
+# Runs the whole toy pipeline through DVC (embedded default: no GPU, no downloads).
+demo: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/pytest -q -ra
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+clean:
+	rm -rf artifacts metrics/*.json plots/*.csv

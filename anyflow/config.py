@@ -1,0 +1,392 @@
+"""Typed, frozen configuration: ``params.yaml`` → one :class:`Config`, built once at the edge.
+
+Every stage reads one section (``teacher``, ``synthesize``, ``stage1`` ...) plus the shared ``video``/``model``/
+``paths`` sections. Library functions take these dataclasses, never dicts, and never read files or environment
+variables themselves.
+
+Profiles (``toy``, ``wan-1.3b``, ``wan-14b``) live in :mod:`anyflow.profiles` as functions returning a full
+:class:`Config`. ``params.yaml`` names a profile and overrides any subset of its keys; an unknown key or a value of
+the wrong type is an error that names the key (``stage1.lr: Input should be a valid number``).
+
+Conventions (DESIGN §2): t ∈ [0, 1], t = 1 is pure noise, ``z_t = (1 − t)·x0 + t·ε``, velocity ``v = ε − x0``,
+model timesteps are ``1000·shift(t)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def section(cls):
+    """A frozen, validated dataclass: unknown keys and wrong types are rejected."""
+    return dataclass(frozen=True, config=_STRICT)(cls)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@section
+class Paths:
+    """Where stage outputs go (all relative to the repository root unless absolute)."""
+
+    root: str = "artifacts"
+    metrics: str = "metrics"
+    plots: str = "plots"
+    checkpoints: str = "checkpoints"  # outside DVC outs so a crashed stage can resume
+
+
+@section
+class Video:
+    """Pixel-space video geometry. Latents are (C=model.latent_channels, F', H/s, W/s)."""
+
+    num_frames: int = 9
+    height: int = 32
+    width: int = 32
+    fps: int = 8
+
+
+@section
+class Data:
+    """The procedural toy domain (``anyflow.data.toy``); ignored by ``wan-*`` profiles except ``prompts_file``."""
+
+    domain: Literal["shapes", "driving"] = "shapes"
+    seed: int = 0
+    heldout_fraction: float = 0.25
+    # wan profiles: a text file with one prompt per line (the paper's synthetic set is 256K prompts)
+    prompts_file: Optional[str] = None
+
+
+@section
+class Model:
+    """The teacher. ``source: toy`` builds and trains our tiny Wan; ``source: local`` loads a Wan2.1 directory."""
+
+    source: Literal["toy", "local"] = "toy"
+    pretrained_dir: Optional[str] = None  # local Wan2.1 diffusers directory for source=local; never downloaded
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    flow_shift: float = 5.0  # shift(s) = k·s / (1 + (k − 1)·s), k = 5 for Wan2.1 at 480p
+    max_text_len: int = 32
+    # toy architecture (ignored for source=local)
+    vae_base_dim: int = 16
+    vae_z_dim: int = 8
+    text_d_model: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    ffn_dim: int = 256
+    freq_dim: int = 64
+
+
+@section
+class Teacher:
+    """``anyflow teacher``: train the toy VAE and transformer (toy) or verify a local Wan2.1 directory."""
+
+    seed: int = 0
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    vae_batch_size: int = 8
+    steps: int = 1500
+    lr: float = 1e-3
+    batch_size: int = 16
+    text_dropout: float = 0.1
+    eval_prompts: int = 16
+    eval_steps: int = 50
+    guidance_scale: float = 5.0
+
+
+@section
+class Synthesize:
+    """``anyflow synthesize``: teacher ODE samples → latent shards (DESIGN §1)."""
+
+    seed: int = 1
+    num_samples: int = 256
+    samples_per_shard: int = 32
+    batch_size: int = 16
+    steps: int = 50
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+
+
+@section
+class Student:
+    """The any-step student: diffusers ``AnyFlowTransformer3DModel`` + peft LoRA (DESIGN §2)."""
+
+    architecture: Literal["bidirectional", "far"] = "bidirectional"
+    paradigm: Literal["flowmap", "consistency"] = "flowmap"
+    gate_value: float = 0.25
+    delta_init: Literal["copy", "zero"] = "copy"  # zero: the paper's Fig. 7 ablation
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = (
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "ffn.net.0.proj",
+        "ffn.net.2",
+        "time_embedder.linear_1",
+        "time_embedder.linear_2",
+        "delta_embedder.linear_1",
+        "delta_embedder.linear_2",
+    )
+    # FAR (causal) settings, used when architecture == "far"
+    chunk_partition: tuple[int, ...] = (1, 2, 2)
+    full_chunk_limit: int = 3
+    compressed_patch_size: tuple[int, int, int] = (1, 4, 4)
+
+
+@section
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+
+
+@section
+class Stage1:
+    """Forward flow-map training (MeanFlow-style; DESIGN §3 "Stage 1")."""
+
+    seed: int = 0
+    max_steps: int = 400
+    batch_size: int = 16
+    optim: Optim = Optim()
+    time_split: tuple[float, float, float] = (0.5, 0.25, 0.25)  # r = t / r = 0 / free (t, r), by global index
+    weighting: Literal["beta08", "uniform", "gaussian"] = "beta08"
+    derivative: Literal["central", "jvp"] = "central"
+    fd_eps: float = 0.005  # central difference step on the [0, 1] scale (5 on the 1000 scale)
+    guidance_scale: float = 3.0  # fused into the student
+    text_dropout: float = 0.1
+    adaptive_c: float = 1e-5
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    ckpt_every: int = 100
+    log_every: int = 10
+
+
+@section
+class Stage2:
+    """On-policy flow-map distillation: backward simulation + DMD (DESIGN §3 "Stage 2")."""
+
+    seed: int = 0
+    max_steps: int = 150
+    batch_size: int = 8
+    optim: Optim = Optim(lr=2e-4, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99)
+    fake_optim: Optim = Optim(lr=2e-4, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.0)
+    num_steps_choices: tuple[int, ...] = (2, 4, 8, 16, 50)
+    real_guidance_scale: float = 3.0
+    renoise_min: float = 0.02
+    renoise_max: float = 0.98
+    fake_logit_normal: tuple[float, float] = (0.0, 1.0)
+    stage1_weight: float = 1.0
+    fake_steps_per_generator_step: int = 1
+    ckpt_every: int = 50
+    log_every: int = 10
+
+
+@section
+class GatePolicy:
+    total_tolerance: float = 0.02  # Total@4 ≥ teacher Total − tolerance (scores are in [0, 1])
+    monotone_tolerance: float = 0.01  # Total(NFE_{i+1}) ≥ Total(NFE_i) − tolerance
+    monotone_from_nfe: int = 2
+    semantic_floors: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"color": 0.5, "shape": 0.3, "direction": 0.5}
+    )
+
+
+@section
+class Gate:
+    """``anyflow gate``: quality across step budgets (DESIGN §5)."""
+
+    seed: int = 1234
+    nfes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    teacher_steps: int = 50
+    teacher_guidance_scale: float = 5.0
+    num_prompts: int = 16
+    seeds_per_prompt: int = 1
+    policy: GatePolicy = GatePolicy()
+    num_previews: int = 4
+    use_vbench: bool = False  # real VBench on exported mp4s (GPU clusters with weights staged locally)
+
+
+@section
+class Export:
+    """``anyflow export``: merged diffusers dir + ONNX (+ TensorRT on GPU hosts)."""
+
+    opset: int = 18
+    components: tuple[str, ...] = ("transformer", "text_encoder", "vae_decoder")
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    check_pairs: tuple[tuple[float, float], ...] = ((1.0, 0.0), (1.0, 0.5), (0.75, 0.25), (0.3, 0.3))
+
+
+@section
+class Domain:
+    """``anyflow domain``: continued training of the distilled student on a new domain ([G])."""
+
+    domain: Literal["shapes", "driving"] = "driving"
+    source: Literal["synthetic", "clips"] = "synthetic"
+    clips_dir: Optional[str] = None
+    max_steps: int = 200
+    batch_size: int = 16
+    base_mix: float = 0.25  # fraction of base-domain data against forgetting
+    optim: Optim = Optim(lr=5e-4)
+    forgetting_tolerance: float = 0.05
+    ckpt_every: int = 100
+
+
+@section
+class Store:
+    """Where releases are promoted (DESIGN §6). Credentials come from the environment at the CLI edge."""
+
+    backend: Literal["local", "lakefs"] = "local"
+    local_root: str = "registry"
+    lakefs_endpoint: str = "http://127.0.0.1:8000"
+    lakefs_repository: str = "anyflow"
+    lakefs_main: str = "main"
+
+
+@section
+class Config:
+    profile: str = "toy"
+    paths: Paths = Paths()
+    video: Video = Video()
+    data: Data = Data()
+    model: Model = Model()
+    teacher: Teacher = Teacher()
+    synthesize: Synthesize = Synthesize()
+    student: Student = Student()
+    stage1: Stage1 = Stage1()
+    stage2: Stage2 = Stage2()
+    gate: Gate = Gate()
+    export: Export = Export()
+    domain: Domain = Domain()
+    store: Store = Store()
+
+
+# --------------------------------------------------------------------------------------------------- loading
+_ADAPTER = TypeAdapter(Config)
+
+
+def _merge(base: dict, over: Mapping, where: str = "") -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and isinstance(value, Mapping) and key != "semantic_floors":
+            out[key] = _merge(base[key], value, name + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build(overrides: Mapping[str, Any] | None = None, profile: str | None = None) -> Config:
+    """Profile defaults ⊕ overrides → validated :class:`Config`."""
+    from anyflow.profiles import get_profile
+
+    overrides = dict(overrides or {})
+    name = profile or overrides.pop("profile", None) or "toy"
+    overrides.pop("profile", None)
+    base = dataclasses.asdict(get_profile(name))
+    merged = _merge(base, overrides)
+    merged["profile"] = name
+    try:
+        cfg = _ADAPTER.validate_python(merged)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks pydantic cannot express; each message names the key."""
+    checks = [
+        (abs(sum(cfg.stage1.time_split) - 1.0) < 1e-6, "stage1.time_split: must sum to 1"),
+        (0 <= cfg.stage1.text_dropout < 1, "stage1.text_dropout: must be in [0, 1)"),
+        (cfg.stage1.guidance_scale >= 1, "stage1.guidance_scale: must be >= 1"),
+        (cfg.stage1.fd_eps > 0, "stage1.fd_eps: must be > 0"),
+        (0 <= cfg.student.gate_value <= 1, "student.gate_value: must be in [0, 1]"),
+        (cfg.student.lora_rank > 0, "student.lora_rank: must be > 0"),
+        (0 < cfg.stage2.renoise_min < cfg.stage2.renoise_max < 1, "stage2.renoise_min/max: need 0 < min < max < 1"),
+        (all(n >= 1 for n in cfg.stage2.num_steps_choices), "stage2.num_steps_choices: every N must be >= 1"),
+        (all(n >= 1 for n in cfg.gate.nfes), "gate.nfes: every NFE must be >= 1"),
+        (cfg.video.num_frames % 4 == 1 or cfg.model.source == "toy", "video.num_frames: Wan needs 4k+1 frames"),
+        ((cfg.video.num_frames - 1) % 2 == 0, "video.num_frames: must be odd (2x temporal VAE compression)"),
+        (cfg.video.height % 16 == 0 and cfg.video.width % 16 == 0, "video.height/width: must be multiples of 16"),
+        (cfg.model.source == "toy" or cfg.model.pretrained_dir, "model.pretrained_dir: required when source=local"),
+        (0 <= cfg.domain.base_mix < 1, "domain.base_mix: must be in [0, 1)"),
+        (cfg.domain.source == "synthetic" or cfg.domain.clips_dir, "domain.clips_dir: required when source=clips"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for key in ("stage1", "stage2", "domain"):
+        for field in ("optim",):
+            o = getattr(getattr(cfg, key), field)
+            if o.lr <= 0:
+                raise ConfigError(f"{key}.{field}.lr: must be > 0")
+
+
+def load(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None,
+         profile: str | None = None) -> Config:
+    """Read ``params.yaml`` (or another file), apply dotted ``overrides`` ({"stage1.lr": 1e-4}), validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {p} is not a section")
+        node[leaf] = value
+    try:
+        return build(raw, profile=profile)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-YAML view of a config (tuples as lists)."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)

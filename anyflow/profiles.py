@@ -1,0 +1,61 @@
+"""Named recipes: one code path, different numbers (torchtitan-style runs as functions).
+
+``toy`` is the embedded default (2-core CPU, minutes). ``wan-1.3b`` / ``wan-14b`` carry the paper's numbers
+(DESIGN §3; NVlabs/AnyFlow at 549236a): LoRA r = 256, stage-1 lr 5e-5 for 6k iters at batch 32 (1.3B) or 4k at 16
+(14B); stage-2 lr 2e-6, β = (0, 0.999), EMA 0.99, ~1.2k iters. They point at a *local* Wan2.1 diffusers directory
+(``model.pretrained_dir``), which is never downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from anyflow.config import (Config, Data, Gate, Model, Optim, Stage1, Stage2, Student, Synthesize, Teacher, Video)
+
+
+def toy() -> Config:
+    return Config(profile="toy")
+
+
+def _wan(name: str, pretrained_dir: str, stage1_steps: int, stage1_batch: int) -> Config:
+    base = toy()
+    return replace(
+        base,
+        profile=name,
+        video=Video(num_frames=81, height=480, width=832, fps=16),
+        data=Data(prompts_file="prompts/vbench_augmented.txt"),
+        model=Model(source="local", pretrained_dir=pretrained_dir, dtype="bfloat16", flow_shift=5.0,
+                    max_text_len=512),
+        teacher=Teacher(eval_steps=50, guidance_scale=5.0),
+        synthesize=Synthesize(num_samples=256_000, samples_per_shard=64, batch_size=1, steps=50,
+                              guidance_scale=5.0),
+        student=Student(lora_rank=256, lora_alpha=256.0),
+        stage1=Stage1(max_steps=stage1_steps, batch_size=stage1_batch,
+                      optim=Optim(lr=5e-5, betas=(0.9, 0.95), warmup_steps=100, grad_clip=1.0, ema_decay=0.999),
+                      mixed_precision="bf16", gradient_checkpointing=True, ckpt_every=500, log_every=10),
+        stage2=Stage2(max_steps=1200, batch_size=stage1_batch,
+                      optim=Optim(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99),
+                      fake_optim=Optim(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.0),
+                      ckpt_every=100),
+        gate=Gate(teacher_guidance_scale=5.0, num_prompts=946, use_vbench=True),
+    )
+
+
+def wan_1_3b() -> Config:
+    return _wan("wan-1.3b", "models/Wan2.1-T2V-1.3B-Diffusers", stage1_steps=6000, stage1_batch=32)
+
+
+def wan_14b() -> Config:
+    return _wan("wan-14b", "models/Wan2.1-T2V-14B-Diffusers", stage1_steps=4000, stage1_batch=16)
+
+
+PROFILES: dict[str, Callable[[], Config]] = {"toy": toy, "wan-1.3b": wan_1_3b, "wan-14b": wan_14b}
+
+
+def get_profile(name: str) -> Config:
+    from anyflow.config import ConfigError
+
+    if name not in PROFILES:
+        raise ConfigError(f"profile: unknown profile {name!r} (known: {', '.join(PROFILES)})")
+    return PROFILES[name]()

@@ -1,0 +1,76 @@
+"""Configuration: profiles, params.yaml, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anyflow import config as C
+from anyflow.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_yaml_is_the_toy_profile():
+    cfg = C.load(ROOT / "params.yaml")
+    assert cfg == C.build(profile="toy")
+
+
+def test_wan_profiles_carry_the_paper_numbers():
+    w13, w14 = C.build(profile="wan-1.3b"), C.build(profile="wan-14b")
+    assert (w13.stage1.max_steps, w13.stage1.batch_size) == (6000, 32)
+    assert (w14.stage1.max_steps, w14.stage1.batch_size) == (4000, 16)
+    for w in (w13, w14):
+        assert w.student.lora_rank == 256 and w.student.gate_value == 0.25
+        assert w.stage1.optim.lr == 5e-5 and w.stage1.optim.betas == (0.9, 0.95) and w.stage1.optim.ema_decay == 0.999
+        assert w.stage2.optim.lr == 2e-6 and w.stage2.optim.betas == (0.0, 0.999) and w.stage2.optim.ema_decay == 0.99
+        assert w.stage1.weighting == "beta08" and w.stage1.guidance_scale == 3.0 and w.stage1.fd_eps == 0.005
+        assert w.model.source == "local" and w.video.num_frames == 81
+
+
+def test_configs_are_frozen():
+    cfg = C.build()
+    with pytest.raises(Exception):
+        cfg.stage1.max_steps = 3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"stage1": {"lrr": 1}}, "stage1.lrr: unknown key"),
+    ({"stage1": {"optim": {"lr": "fast"}}}, "stage1.optim.lr"),
+    ({"stage1": {"weighting": "cosine"}}, "stage1.weighting"),
+    ({"stage1": {"time_split": [0.5, 0.5, 0.5]}}, "stage1.time_split"),
+    ({"bogus": {}}, "bogus: unknown key"),
+    ({"student": {"gate_value": 2.0}}, "student.gate_value"),
+])
+def test_bad_params_name_the_key(override, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace(".", r"\.")):
+        C.build(override)
+
+
+def test_unknown_profile_is_an_error():
+    with pytest.raises(C.ConfigError, match="unknown profile 'wan-2b'"):
+        C.build(profile="wan-2b")
+
+
+def test_load_applies_dotted_overrides_and_reports_the_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"profile": "toy", "stage1": {"max_steps": 7}}))
+    cfg = C.load(p, overrides={"stage2.max_steps": 3})
+    assert cfg.stage1.max_steps == 7 and cfg.stage2.max_steps == 3
+    p.write_text("stage1: {max_steps: [1, 2}\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(p)
+    with pytest.raises(C.ConfigError, match="parameters file not found"):
+        C.load(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_params_with_exit_2(tmp_path, capsys):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"profile": "toy", "stage2": {"renoise_min": 0.9, "renoise_max": 0.1}}))
+    assert cli_main(["--params", str(p), "params"]) == 2
+    assert "stage2.renoise_min/max" in capsys.readouterr().err
+
+
+def test_local_source_requires_a_directory():
+    with pytest.raises(C.ConfigError, match="model.pretrained_dir"):
+        C.build({"model": {"source": "local", "pretrained_dir": None}})
