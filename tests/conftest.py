@@ -2,3 +2,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+# A tiny Wan transformer with the toy profile's geometry (random weights): for tests that need a model but not a
+# trained teacher. Latents are (B, C=8, F=5, H=8, W=8); text embeddings (B, L=8, D=64).
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=8,
+                text_dim=64, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, eps=1e-6,
+                rope_max_seq_len=64)
+
+
+@pytest.fixture
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**TINY_WAN).eval()
+    # diffusers zero-inits nothing we rely on, but make the output layer non-trivial so tests can't pass vacuously
+    with torch.no_grad():
+        model.proj_out.weight.normal_(0, 0.05)
+    return model
