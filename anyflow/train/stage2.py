@@ -1,0 +1,327 @@
+"""Stage 2: on-policy flow-map distillation — flow-map backward simulation + DMD (DESIGN §3 "Stage 2").
+
+One base :class:`~diffusers.AnyFlowTransformer3DModel` carries two peft LoRA adapters:
+
+* ``student`` — the any-step flow map ``u_θ(z, t, r)``, initialised from the stage-1 EMA adapter, trained here;
+* ``fake_score`` — tracks the student's output distribution (DMD's fake score), used at r = t;
+
+and with adapters disabled it *is* the frozen teacher at r = t (``delta_embedder`` is a copy of
+``time_embedder``, so ``(1 − g)·emb(t) + g·emb'(t) = emb(t)``). One model instead of three copies.
+
+Generator and fake-score steps alternate 1:1 (``stage2.fake_steps_per_generator_step``):
+
+* generator: N ~ choices, k ~ U[0, N); ``x̂ = f(f(f(ε, τ0, τk), τk, τk+1), τk+1, 0)`` with the student (grad through
+  all three jumps); DMD loss of x̂ re-noised at ``t' = clamp(shift(U))`` with real = teacher + CFG (s =
+  ``stage2.real_guidance_scale``, negative = empty-prompt embedding), fake = ``fake_score``; plus
+  ``stage2.stage1_weight`` × the full stage-1 loss on a batch of teacher latents. Only ``student`` is updated.
+* fake score: a detached student rollout, flow matching at logit-normal t. Only ``fake_score`` is updated.
+
+Conventions (DESIGN §2): t ∈ [0, 1], t = 1 noise, ``z_t = (1 − t)·x0 + t·ε``, ``v = ε − x0``,
+flow-map step ``z_r = z_t − (t − r)·u``; latents are in Wan layout (B, C, F, H, W) here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from anyflow.config import Config, Optim
+from anyflow.objectives.dmd import fake_score_loss, generator_dmd_loss, guided_velocity, logit_normal_time, renoise_time
+from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
+from anyflow.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+STUDENT = "student"
+FAKE = "fake_score"
+TEACHER = None  # adapters disabled
+
+
+# --------------------------------------------------------------------------------------------- adapters on one base
+def adapter_params(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of one named adapter (``...lora_A.<adapter>.weight`` etc.)."""
+    tag = f".{adapter}."
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
+
+
+def use_adapter(model: torch.nn.Module, adapter: Optional[str], trainable: Optional[str]) -> None:
+    """Route the forward pass through ``adapter`` (None = adapters disabled = the frozen teacher).
+
+    peft toggles ``requires_grad`` when adapters are switched; we pin it back so only ``trainable``'s LoRA
+    parameters ever require grad (the base weights never do).
+    """
+    if adapter is None:
+        model.disable_adapters()
+    else:
+        model.enable_adapters()
+        model.set_adapter(adapter)
+    tag = f".{trainable}." if trainable else None
+    for n, p in model.named_parameters():
+        p.requires_grad_(bool(tag) and "lora_" in n and tag in n)
+
+
+def velocity(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable: Optional[str]) -> VelocityFn:
+    """``u(z, t, r)`` of one adapter (or the teacher) on a fixed text conditioning, Wan layout."""
+    from anyflow.models.student import student_velocity
+
+    def u(z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        use_adapter(model, adapter, trainable)
+        return student_velocity(model, z_BCFHW, t, r, prompt_embeds)
+
+    return u
+
+
+def score(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable: Optional[str]):
+    """``v(z, t) = u(z, t, t)``: an adapter's (or the teacher's) instantaneous velocity."""
+    u = velocity(model, adapter, prompt_embeds, trainable)
+    return lambda z, t: u(z, t, t)
+
+
+def teacher_cfg_score(model, cond: torch.Tensor, uncond: torch.Tensor, scale: float, trainable: Optional[str]):
+    """Real score: frozen teacher with CFG ``v_c + s·(v_c − v_u)`` (one batched call over [cond; uncond])."""
+    u = velocity(model, TEACHER, torch.cat([cond, uncond]), trainable)
+
+    def v(z, t):
+        vc, vu = u(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t])).chunk(2)
+        return guided_velocity(vc, vu, scale)
+
+    return v
+
+
+# --------------------------------------------------------------------------------------------- the two steps
+@dataclass
+class StepOut:
+    loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator: torch.Generator,
+                   stage1_loss_fn: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, dict]:
+    """DMD on a flow-map backward simulation + ``stage1_weight`` × stage-1 loss. Gradients reach only ``student``."""
+    s2 = cfg.stage2
+    x0 = batch.latents
+    cond = batch.prompt_embeds
+    b = x0.shape[0]
+    n, k = draw_rollout(s2.num_steps_choices, generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    x_hat = flowmap_backward_simulation(velocity(model, STUDENT, cond, STUDENT), noise, n, k, cfg.model.flow_shift)
+    t_prime = renoise_time(b, cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    real = teacher_cfg_score(model, cond, negative.expand(b, -1, -1), s2.real_guidance_scale, STUDENT)
+    fake = score(model, FAKE, cond, STUDENT)
+    dmd = generator_dmd_loss(x_hat, real, fake, t_prime, eps)
+    use_adapter(model, STUDENT, STUDENT)
+    loss = dmd.loss
+    parts = {"dmd": float(dmd.loss.detach()), "dmd_grad": dmd.grad_norm, "num_steps": n, "k": k}
+    if stage1_loss_fn is not None and s2.stage1_weight > 0:
+        s1 = stage1_loss_fn()
+        loss = loss + s2.stage1_weight * s1
+        parts["stage1"] = float(s1.detach())
+    return loss, parts
+
+
+def fake_loss(model, cfg: Config, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Flow matching of ``fake_score`` on a detached student rollout at logit-normal t."""
+    s2 = cfg.stage2
+    x0 = batch.latents
+    cond = batch.prompt_embeds
+    n, k = draw_rollout(s2.num_steps_choices, generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    with torch.no_grad():
+        x_hat = flowmap_backward_simulation(velocity(model, STUDENT, cond, FAKE), noise, n, k, cfg.model.flow_shift)
+    mean, std = s2.fake_logit_normal
+    t = logit_normal_time(x0.shape[0], mean, std, generator)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    loss = fake_score_loss(score(model, FAKE, cond, FAKE), x_hat, eps, t)
+    return loss, {"fake": float(loss.detach())}
+
+
+# --------------------------------------------------------------------------------------------- optimisation state
+def make_optimizer(params: list[torch.nn.Parameter], o: Optim):
+    """AdamW + linear warm-up (LambdaLR)."""
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    warm = max(o.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+class Ema:
+    """``θ_ema ← d·θ_ema + (1 − d)·θ`` over a named parameter dict (d = 0 keeps the latest weights)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.decay = sd["decay"]
+        self.shadow = {n: v.clone() for n, v in sd["shadow"].items()}
+
+
+@dataclass
+class TrainState:
+    step: int
+    history: list[dict]
+
+
+class Stage2Trainer:
+    """Alternating generator / fake-score optimisation with checkpoints and exact resume.
+
+    ``data_fn(generator) -> batch`` draws a training batch (``latents`` (B, C, F, H, W), ``prompt_embeds``,
+    ``index``); ``stage1_fn(batch, generator) -> loss`` is the full stage-1 loss of the active student.
+    """
+
+    def __init__(self, model, cfg: Config, data_fn, negative: torch.Tensor, stage1_fn=None,
+                 ckpt_dir: Optional[Path] = None):
+        self.model, self.cfg, self.data_fn, self.negative, self.stage1_fn = model, cfg, data_fn, negative, stage1_fn
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        s2 = cfg.stage2
+        self.student = adapter_params(model, STUDENT)
+        self.fake = adapter_params(model, FAKE)
+        if not self.student or not self.fake:
+            raise ValueError(f"model: needs LoRA adapters {STUDENT!r} and {FAKE!r} (found "
+                             f"{len(self.student)} / {len(self.fake)} parameters)")
+        self.opt, self.sched = make_optimizer(list(self.student.values()), s2.optim)
+        self.fake_opt, self.fake_sched = make_optimizer(list(self.fake.values()), s2.fake_optim)
+        self.ema = Ema(self.student, s2.optim.ema_decay)
+        self.generator = torch.Generator().manual_seed(s2.seed)
+        self.state = TrainState(step=0, history=[])
+
+    # one alternation
+    def generator_step(self) -> dict:
+        o = self.cfg.stage2.optim
+        use_adapter(self.model, STUDENT, STUDENT)
+        self.opt.zero_grad(set_to_none=True)
+        batch = self.data_fn(self.generator)
+        s1 = (lambda: self.stage1_fn(batch, self.generator)) if self.stage1_fn else None
+        loss, parts = generator_loss(self.model, self.cfg, batch, self.negative, self.generator, s1)
+        loss.backward()
+        if o.grad_clip > 0:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.student.values()), o.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.ema.update(self.student)
+        parts["loss"] = float(loss.detach())
+        return parts
+
+    def fake_step(self) -> dict:
+        o = self.cfg.stage2.fake_optim
+        use_adapter(self.model, FAKE, FAKE)
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss, parts = fake_loss(self.model, self.cfg, self.data_fn(self.generator), self.generator)
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.fake.values()), o.grad_clip)
+        self.fake_opt.step()
+        self.fake_sched.step()
+        return parts
+
+    # checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "step": self.state.step,
+            "history": self.state.history,
+            "student": {n: p.detach().clone() for n, p in self.student.items()},
+            "fake": {n: p.detach().clone() for n, p in self.fake.items()},
+            "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+            "fake_opt": self.fake_opt.state_dict(), "fake_sched": self.fake_sched.state_dict(),
+            "ema": self.ema.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        with torch.no_grad():
+            for name, params in (("student", self.student), ("fake", self.fake)):
+                missing = set(params) ^ set(sd[name])
+                if missing:
+                    raise ValueError(f"checkpoint: {name} adapter parameters differ ({sorted(missing)[:3]} ...)")
+                for n, p in params.items():
+                    p.copy_(sd[name][n])
+        self.opt.load_state_dict(sd["opt"])
+        self.sched.load_state_dict(sd["sched"])
+        self.fake_opt.load_state_dict(sd["fake_opt"])
+        self.fake_sched.load_state_dict(sd["fake_sched"])
+        self.ema.load_state_dict(sd["ema"])
+        self.generator.set_state(sd["generator"])
+        self.state = TrainState(step=sd["step"], history=list(sd["history"]))
+
+    @property
+    def ckpt_path(self) -> Optional[Path]:
+        return self.ckpt_dir / "last.pt" if self.ckpt_dir else None
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt_path is None:
+            return
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        with atomic_path(self.ckpt_path) as tmp:
+            tmp.write_bytes(buf.getvalue())
+
+    def maybe_resume(self) -> bool:
+        if self.ckpt_path is None or not self.ckpt_path.exists():
+            return False
+        try:
+            sd = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 — name the file
+            raise RuntimeError(f"{self.ckpt_path}: unreadable checkpoint ({err}); delete it to start over") from None
+        self.load_state_dict(sd)
+        log.info("resumed stage 2 from %s at step %d", self.ckpt_path, self.state.step)
+        return True
+
+    def train(self, max_steps: int, progress: bool = True, stop_after: Optional[int] = None) -> TrainState:
+        """Run to ``max_steps`` (resuming from the checkpoint if present); ``stop_after`` simulates a crash."""
+        from tqdm.auto import tqdm
+
+        s2 = self.cfg.stage2
+        bar = tqdm(total=max_steps, initial=self.state.step, desc="stage2", disable=not progress, dynamic_ncols=True)
+        done = 0
+        while self.state.step < max_steps:
+            t0 = time.perf_counter()
+            row = {"step": self.state.step + 1}
+            row.update(self.generator_step())
+            for _ in range(s2.fake_steps_per_generator_step):
+                row.update(self.fake_step())
+            row["seconds"] = time.perf_counter() - t0
+            self.state.step += 1
+            self.state.history.append(row)
+            bar.update(1)
+            if self.state.step % max(s2.log_every, 1) == 0:
+                bar.set_postfix(dmd=f"{row['dmd']:.4f}", s1=f"{row.get('stage1', math.nan):.4f}",
+                                fake=f"{row['fake']:.4f}")
+            if s2.ckpt_every and self.state.step % s2.ckpt_every == 0 and self.state.step < max_steps:
+                self.save_checkpoint()
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
+        bar.close()
+        return self.state
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.ema.shadow)
+
+
+def write_loss_csv(path: Path, history: list[dict]) -> None:
+    """plots/stage2_loss.csv: one row per generator step."""
+    cols = ["step", "loss", "dmd", "stage1", "fake", "dmd_grad", "grad_norm", "num_steps", "k", "seconds"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({c: row.get(c, "") for c in cols})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
