@@ -1,0 +1,320 @@
+"""``anyflow stage2``: on-policy flow-map distillation (DESIGN §3 "Stage 2"), the DVC stage ``stage2``.
+
+Reads ``artifacts/teacher`` (the Wan teacher), ``artifacts/data`` (teacher latent shards) and
+``artifacts/stage1/ema_adapter.safetensors``; writes ``artifacts/stage2/{adapter,ema_adapter}.safetensors``,
+``metrics/stage2.json`` and ``plots/stage2_loss.csv``. Checkpoints go to ``checkpoints/stage2/last.pt`` (outside
+the DVC outs) so a killed run resumes exactly where it stopped.
+
+Evaluation (``metrics/stage2.json: eval``): stage-1 vs stage-2 EMA students sampled at N ∈ {1, 2, 4, 8, 16} from
+the shards' own noises and prompts, compared with the teacher's ODE samples of the same noises by
+
+* ``latent_fd`` — Fréchet distance between Gaussian fits of per-sample latent statistics (per-channel mean, std
+  and mean |frame difference|; 3·C features) of the student samples and of all teacher shard latents;
+* ``channel_fd`` — Fréchet distance of the per-position channel vectors (C-dimensional, pooled over F, H, W);
+* ``paired_mse`` — mean squared error to the teacher sample from the same noise (trajectory fidelity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from anyflow.config import Config
+from anyflow.stages.common import StagePaths
+from anyflow.utils.io import write_json
+
+log = logging.getLogger(__name__)
+
+EVAL_STEPS = (1, 2, 4, 8, 16)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-steps", type=int, default=None, help="override stage2.max_steps")
+    p.add_argument("--eval-samples", type=int, default=64, help="samples per student and N for the evaluation")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@dataclass(frozen=True)
+class Stage2Outputs:
+    adapter: Path
+    ema_adapter: Path
+    metrics: Path
+    loss_csv: Path
+
+
+# --------------------------------------------------------------------------------------------- distribution metrics
+def gaussian_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (rows are samples):
+    ``‖μa − μb‖² + Tr(Σa + Σb − 2·(Σa^½ Σb Σa^½)^½)``, in float64 with symmetric eigendecompositions."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    ev, evec = torch.linalg.eigh(sa)
+    sa_half = evec @ torch.diag(ev.clamp_min(0).sqrt()) @ evec.T
+    inner = torch.linalg.eigvalsh(sa_half @ sb @ sa_half).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + torch.trace(sa) + torch.trace(sb) - 2 * inner)
+
+
+def latent_features(x_BCFHW: torch.Tensor) -> torch.Tensor:
+    """Per-sample statistics (B, 3C): per-channel mean, std and mean |x_{f+1} − x_f| over (F, H, W)."""
+    flat = x_BCFHW.flatten(2)
+    feats = [flat.mean(-1), flat.std(-1)]
+    if x_BCFHW.shape[2] > 1:
+        feats.append((x_BCFHW[:, :, 1:] - x_BCFHW[:, :, :-1]).abs().flatten(2).mean(-1))
+    return torch.cat(feats, dim=1)
+
+
+def channel_vectors(x_BCFHW: torch.Tensor) -> torch.Tensor:
+    """Per-position channel vectors (B·F·H·W, C)."""
+    return x_BCFHW.movedim(1, -1).reshape(-1, x_BCFHW.shape[1])
+
+
+def distribution_metrics(samples: torch.Tensor, teacher_all: torch.Tensor, teacher_paired: torch.Tensor) -> dict:
+    return {
+        "latent_fd": gaussian_frechet(latent_features(samples), latent_features(teacher_all)),
+        "channel_fd": gaussian_frechet(channel_vectors(samples), channel_vectors(teacher_all)),
+        "paired_mse": float((samples - teacher_paired).square().mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------- model assembly
+def teacher_transformer(cfg: Config, paths: StagePaths):
+    """The teacher's ``WanTransformer3DModel`` (toy: ``artifacts/teacher``; local: ``model.pretrained_dir``)."""
+    from diffusers import WanTransformer3DModel
+
+    root = Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher
+    if not (root / "transformer").is_dir():
+        raise FileNotFoundError(f"{root / 'transformer'}: teacher transformer not found (run `anyflow teacher`)")
+    return WanTransformer3DModel.from_pretrained(root, subfolder="transformer").eval()
+
+
+def load_adapter_weights(model, path: Path, adapter: str) -> None:
+    """Load a saved adapter file (peft state dict without adapter names) into the named adapter."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: adapter not found (run the stage that writes it)")
+    result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=adapter)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise ValueError(f"{path}: keys not in adapter {adapter!r}: {unexpected[:3]} ...")
+
+
+def build_model(cfg: Config, teacher, stage1_adapter: Path):
+    """One base AnyFlow model: adapter ``student`` ← stage-1 EMA weights, adapter ``fake_score`` (fresh LoRA,
+    i.e. the teacher at init); adapters disabled = the teacher."""
+    from anyflow.models.student import add_lora, student_from_teacher
+    from anyflow.train.stage2 import FAKE, STUDENT
+
+    model = student_from_teacher(teacher, cfg.student)
+    add_lora(model, cfg.student, STUDENT)
+    load_adapter_weights(model, stage1_adapter, STUDENT)
+    add_lora(model, cfg.student, FAKE)
+    return model
+
+
+@torch.no_grad()
+def teacher_identity_error(model, teacher, latent_shape: tuple, text_shape: tuple, seed: int = 0) -> float:
+    """max |AnyFlow(adapters off)(z, t, r=t) − Wan teacher(z, t)| on random inputs — 0 up to float rounding,
+    because ``delta_embedder`` is a copy of ``time_embedder``."""
+    from anyflow.train.stage2 import velocity
+
+    g = torch.Generator().manual_seed(seed)
+    z, text = torch.randn(2, *latent_shape, generator=g), torch.randn(2, *text_shape, generator=g)
+    t = torch.tensor([0.9, 0.3])
+    ref = teacher(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    return float((velocity(model, None, text, None)(z, t, t) - ref).abs().max())
+
+
+def storage_bytes(*modules) -> int:
+    """Bytes of the distinct tensor storages (parameters + buffers) held by ``modules``."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_comparison(model, teacher) -> dict:
+    """One base + two adapters vs three copies (teacher, student model, fake-score model): weight bytes, and
+    the measured resident-memory growth of materialising the two extra copies."""
+    import gc
+
+    from anyflow.train.stage2 import FAKE, STUDENT
+
+    single = storage_bytes(model)
+    gc.collect()
+    rss0 = _rss_bytes()
+    copies = [copy.deepcopy(model), copy.deepcopy(model)]
+    for c, drop in zip(copies, (FAKE, STUDENT)):
+        c.delete_adapters(drop)
+    rss1 = _rss_bytes()
+    three = storage_bytes(teacher) + storage_bytes(copies[0]) + storage_bytes(copies[1])
+    del copies
+    gc.collect()
+    return {"single_base_weight_bytes": single, "three_copies_weight_bytes": three,
+            "weight_saving_ratio": three / single, "rss_growth_two_extra_copies_bytes": rss1 - rss0}
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def sample_student(model, adapter_state: dict, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_steps: int,
+                   shift: float, batch_size: int = 16) -> torch.Tensor:
+    """N-step flow-map sampling (``z ← z − (τi − τi+1)·u(z, τi, τi+1)``) with the ``student`` adapter set to
+    ``adapter_state`` (restored afterwards)."""
+    from anyflow.objectives.simulation import euler_sample
+    from anyflow.train.stage2 import STUDENT, adapter_params, use_adapter, velocity
+
+    params = adapter_params(model, STUDENT)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.copy_(adapter_state[n])
+    use_adapter(model, STUDENT, None)
+    out = []
+    for i in range(0, noise.shape[0], batch_size):
+        u = velocity(model, STUDENT, prompt_embeds[i:i + batch_size], None)
+        out.append(euler_sample(u, noise[i:i + batch_size], num_steps, shift))
+    for n, p in params.items():
+        p.copy_(saved[n])
+    return torch.cat(out)
+
+
+def evaluate(model, states: dict[str, dict], data, num_samples: int, shift: float) -> dict:
+    m = min(num_samples, data.latents.shape[0])
+    res = {}
+    for name, state in states.items():
+        res[name] = {}
+        for n in EVAL_STEPS:
+            x = sample_student(model, state, data.noise[:m], data.prompt_embeds[:m], n, shift)
+            res[name][f"N{n}"] = distribution_metrics(x, data.latents, data.latents[:m])
+    res["improved"] = {f"N{n}": {k: res["stage2"][f"N{n}"][k] < res["stage1"][f"N{n}"][k]
+                                 for k in res["stage2"][f"N{n}"]} for n in EVAL_STEPS}
+    return res
+
+
+# --------------------------------------------------------------------------------------------- the stage
+def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh: bool = False,
+        progress: bool = True) -> Stage2Outputs:
+    from anyflow.data.shards import ShardSet
+    from anyflow.models.student import save_adapter
+    from anyflow.train.stage2 import STUDENT, Stage2Trainer, adapter_params, write_loss_csv
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(peft_config|was active which is now deleted).*")
+    torch.set_num_threads(1)
+    paths = StagePaths.of(cfg)
+    t_start = time.perf_counter()
+    stage1_adapter = paths.stage1 / "ema_adapter.safetensors"
+    teacher = teacher_transformer(cfg, paths)
+    model = build_model(cfg, teacher, stage1_adapter)
+    memory = memory_comparison(model, teacher)
+    shards = ShardSet(paths.shards)
+    data = shards.load_all()
+    teacher_err = teacher_identity_error(model, teacher, tuple(data.latents.shape[1:]),
+                                         tuple(data.prompt_embeds.shape[1:]))
+    if teacher_err > 1e-4:
+        raise RuntimeError(f"adapters-disabled student differs from the teacher by {teacher_err:.2e} at r = t")
+    negative = shards.negative_embeds()
+    stage1_state = {n: p.detach().clone() for n, p in adapter_params(model, STUDENT).items()}
+
+    def data_fn(generator: torch.Generator):
+        idx = torch.randint(data.latents.shape[0], (cfg.stage2.batch_size,), generator=generator)
+        return SimpleNamespace(latents=data.latents[idx], prompt_embeds=data.prompt_embeds[idx], index=idx,
+                               noise=data.noise[idx])
+
+    ckpt_dir = paths.ckpt("stage2")
+    if fresh and (ckpt_dir / "last.pt").exists():
+        (ckpt_dir / "last.pt").unlink()
+    trainer = Stage2Trainer(model, cfg, data_fn, negative, stage1_fn=stage1_fn_for(model, cfg, negative),
+                            ckpt_dir=ckpt_dir)
+    resumed = trainer.maybe_resume()
+    steps = max_steps if max_steps is not None else cfg.stage2.max_steps
+    t_train = time.perf_counter()
+    trainer.train(steps, progress=progress)
+    train_seconds = time.perf_counter() - t_train
+
+    out_dir = paths.stage2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_path, ema_path = out_dir / "adapter.safetensors", out_dir / "ema_adapter.safetensors"
+    save_adapter(model, adapter_path, STUDENT)
+    final_state = {n: p.detach().clone() for n, p in trainer.student.items()}
+    with torch.no_grad():
+        for n, p in trainer.student.items():
+            p.copy_(trainer.ema.shadow[n])
+    save_adapter(model, ema_path, STUDENT)
+    for n, p in trainer.student.items():
+        p.data.copy_(final_state[n])
+
+    t_eval = time.perf_counter()
+    evaluation = evaluate(model, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, eval_samples,
+                          cfg.model.flow_shift)
+    eval_seconds = time.perf_counter() - t_eval
+
+    hist = trainer.state.history
+    tail = hist[-max(1, len(hist) // 10):]
+    loss_csv = paths.plots / "stage2_loss.csv"
+    write_loss_csv(loss_csv, hist)
+    metrics = {
+        "steps": trainer.state.step,
+        "resumed": resumed,
+        "final": {k: sum(r.get(k, 0.0) for r in tail) / len(tail) for k in ("loss", "dmd", "stage1", "fake")},
+        "seconds": {"train": train_seconds, "eval": eval_seconds, "total": time.perf_counter() - t_start,
+                    "per_step": train_seconds / max(1, len(hist))},
+        "memory": memory,
+        "teacher_identity_max_abs_error": teacher_err,
+        "eval": evaluation,
+        "eval_metrics_note": "latent_fd: Fréchet distance of per-sample latent statistics vs teacher shard latents; "
+                             "channel_fd: Fréchet distance of per-position channel vectors; paired_mse: vs the "
+                             "teacher sample from the same noise. Lower is better.",
+    }
+    metrics_path = write_json(paths.metric("stage2"), metrics)
+    if (ckpt_dir / "last.pt").exists():
+        (ckpt_dir / "last.pt").unlink()  # finished: a later run starts from the outputs, not a stale checkpoint
+    return Stage2Outputs(adapter_path, ema_path, metrics_path, loss_csv)
+
+
+def stage1_fn_for(model, cfg: Config, negative: torch.Tensor):
+    """The full stage-1 loss of the active ``student`` adapter on a batch (weight ``stage2.stage1_weight``)."""
+    if cfg.stage2.stage1_weight <= 0:
+        return None
+    from anyflow.objectives.flowmap import stage1_loss
+    from anyflow.train.stage2 import STUDENT, use_adapter
+
+    def fn(batch, generator):
+        use_adapter(model, STUDENT, STUDENT)
+        return stage1_loss(model, cfg, batch, negative, generator)
+
+    return fn
+
+
+def main(cfg: Config, args) -> int:
+    out = run(cfg, max_steps=getattr(args, "max_steps", None), eval_samples=getattr(args, "eval_samples", 64),
+              fresh=getattr(args, "fresh", False), progress=not getattr(args, "no_progress", False))
+    from anyflow.utils.io import read_json
+
+    ev = read_json(out.metrics)["eval"]
+    print("N    " + "  ".join(f"{s}:{k:<10}" for s in ("stage1", "stage2") for k in ("latent_fd", "paired_mse")))
+    for n in EVAL_STEPS:
+        r1, r2 = ev["stage1"][f"N{n}"], ev["stage2"][f"N{n}"]
+        print(f"{n:<4} " + "  ".join(f"{r[k]:<17.5f}" for r in (r1, r2) for k in ("latent_fd", "paired_mse")))
+    return 0
