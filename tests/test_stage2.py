@@ -121,3 +121,19 @@ def test_resume_is_exact(tiny_wan, tmp_path):
                  (full.ema_state(), resumed.ema_state())):
         assert all(torch.equal(a[n], b[n]) for n in a)
     assert [r["dmd"] for r in full.state.history] == [r["dmd"] for r in resumed.state.history]
+
+
+def test_gaussian_frechet_closed_forms():
+    from anyflow.stages.stage2 import gaussian_frechet, latent_features
+
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert abs(gaussian_frechet(a, a)) < 1e-8
+    shift = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    assert abs(gaussian_frechet(a, a + shift) - 5.25) < 1e-6  # same covariance: ‖Δμ‖²
+    # N(0, I) vs N(0, 4I) in 3-d: Tr(I + 4I − 2·2I) = 3
+    assert abs(gaussian_frechet(a, 2 * torch.randn(4000, 3, generator=g, dtype=torch.float64)) - 3.0) < 0.3
+    x = torch.randn(2, 8, 5, 4, 4, generator=g)
+    f = latent_features(x)
+    torch.testing.assert_close(f[:, :8], x.flatten(2).mean(-1))
+    torch.testing.assert_close(f[:, 8:16], x.flatten(2).std(-1))
