@@ -1,0 +1,116 @@
+"""``local`` store: a directory registry (the embedded default, ``cfg.store.local_root``).
+
+Layout::
+
+    <root>/candidates/<name>/            a stored release directory + store.json (metadata, gate verdict)
+    <root>/releases/<name>/              promoted releases (moved from candidates/, never modified again)
+    <root>/latest                        the current release name (replaced atomically)
+    <root>/history.json                  every promote/rollback, oldest first (replaced atomically)
+
+Every write is atomic: directories are built under a temporary name and renamed into place
+(:func:`anyflow.utils.io.atomic_dir`), pointer files are replaced with ``os.replace``. A crash leaves either the old
+or the new state, never a half-written release.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from anyflow.store.base import (MANIFEST, Candidate, GateFailedError, Release, Store, StoreError, check_name,
+                                commit_metadata, default_name, read_manifest, verify_tree)
+from anyflow.utils.io import atomic_dir, atomic_write_text, read_json, write_json
+
+STORE_JSON = "store.json"
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths
+    def _candidate(self, name: str) -> Path:
+        return self.root / "candidates" / name
+
+    def _release(self, name: str) -> Path:
+        return self.root / "releases" / name
+
+    # ------------------------------------------------------------------ interface
+    def put_release(self, release_dir: str | Path, metadata: Mapping[str, Any] | None = None,
+                    name: str | None = None) -> Candidate:
+        release_dir = Path(release_dir)
+        manifest = read_manifest(release_dir)
+        verify_tree(release_dir, manifest)  # never store a release that does not match its own manifest
+        name = check_name(name or default_name(manifest, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
+        if self._release(name).exists():
+            raise StoreError(f"release {name}: already promoted; releases are immutable")
+        meta = commit_metadata(manifest, metadata)
+        with atomic_dir(self._candidate(name)) as tmp:
+            for entry in manifest["files"]:
+                target = tmp / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(release_dir / entry["path"], target)
+            shutil.copy2(release_dir / MANIFEST, tmp / MANIFEST)
+            write_json(tmp / STORE_JSON, {"name": name, "gate_passed": manifest["gate"]["passed"],
+                                          "metadata": meta, "stored_at": time.time()})
+        return Candidate(name, manifest["gate"]["passed"], str(self._candidate(name)), meta)
+
+    def promote(self, candidate: Candidate | str) -> Release:
+        name = candidate.name if isinstance(candidate, Candidate) else check_name(candidate)
+        src = self._candidate(name)
+        if not src.is_dir():
+            raise StoreError(f"candidate {name}: not found under {src.parent}")
+        manifest = read_manifest(src)
+        if not manifest["gate"]["passed"]:
+            raise GateFailedError(f"candidate {name}: gate.passed is false in {src / MANIFEST}; not promoted")
+        verify_tree(src, manifest)
+        dst = self._release(name)
+        if dst.exists():
+            raise StoreError(f"release {name}: already promoted")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)  # same filesystem: atomic
+        self._set_latest(name, action="promote")
+        return Release(name, str(dst))
+
+    def rollback(self, to_release: str) -> Release:
+        name = check_name(to_release)
+        if not self._release(name).is_dir():
+            known = ", ".join(self.list()) or "none"
+            raise StoreError(f"release {name}: not found (promoted releases: {known})")
+        self._set_latest(name, action="rollback")
+        return Release(name, str(self._release(name)))
+
+    def list(self) -> list[str]:
+        seen: list[str] = []
+        for event in self.history():
+            if event["action"] == "promote" and event["release"] not in seen:
+                seen.append(event["release"])
+        return seen
+
+    def latest(self) -> str | None:
+        path = self.root / "latest"
+        return path.read_text().strip() or None if path.exists() else None
+
+    def history(self) -> list[dict]:
+        path = self.root / "history.json"
+        return read_json(path) if path.exists() else []
+
+    def _fetch(self, name: str, tmp: Path) -> None:
+        src = self._release(name)
+        if not src.is_dir():
+            raise StoreError(f"release {name}: not found under {src.parent}")
+        for p in src.rglob("*"):
+            if p.is_file() and not (p.parent == src and p.name == STORE_JSON):
+                target = tmp / p.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, target)
+
+    # ------------------------------------------------------------------ helpers
+    def _set_latest(self, name: str, action: str) -> None:
+        events = self.history()
+        events.append({"action": action, "release": name, "previous": self.latest(), "at": time.time()})
+        write_json(self.root / "history.json", events)
+        atomic_write_text(self.root / "latest", name + "\n")
