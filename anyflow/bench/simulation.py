@@ -105,6 +105,10 @@ def run_bench(cfg: Config, steps=(4, 16), repeats: int = 3, batch_size: int | No
         out[method] = {f"seconds_per_iter_N{n}": cells[(method, n)] for n in steps}
         if len(steps) >= 2:
             out[method][f"ratio_N{steps[-1]}_N{steps[0]}"] = cells[(method, steps[-1])] / cells[(method, steps[0])]
+    if len(steps) >= 2:  # the paper's claim (Table 4): flow-map cost flat in N, consistency cost growing
+        key = f"ratio_N{steps[-1]}_N{steps[0]}"
+        out["expectation"] = {"flowmap_ratio_le_1.2": out["flowmap"][key] <= 1.2,
+                              "consistency_ratio_ge_2": out["consistency"][key] >= 2.0}
     return out
 
 
