@@ -1,0 +1,1 @@
+"""Prefect flows: each reads like the pipeline's table of contents and calls the thin tasks in ``tasks/``."""
