@@ -1,0 +1,67 @@
+"""``deploy/prefect.yaml`` loads through Prefect's own deploy-config code, its entrypoints import as flows whose
+parameters match, its schedules are valid cron, and work pools are defined once and shared through aliases."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "deploy/prefect.yaml"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def configs():
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from rich.console import Console
+
+    PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))  # raises on a schema error
+    deployments, actions = _load_deploy_configs_and_actions(PREFECT_YAML, console=Console(quiet=True))
+    return deployments, actions
+
+
+def test_every_flow_has_a_deployment_and_the_pull_step_is_set(configs):
+    deployments, actions = configs
+    entrypoints = {d["entrypoint"] for d in deployments}
+    assert entrypoints == {"flows/distill.py:distill", "flows/continued_training.py:continued_training",
+                           "flows/release.py:release"}
+    assert len({d["name"] for d in deployments}) == len(deployments)
+    assert actions["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+
+
+def test_entrypoints_load_as_flows_and_parameters_validate(configs):
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployments, _ = configs
+    for d in deployments:
+        path, func = d["entrypoint"].split(":")
+        flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + func)
+        assert flow.name.startswith("anyflow-")
+        flow.validate_parameters(d.get("parameters", {}))  # unknown or mistyped parameters raise
+
+
+def test_schedules_are_valid_cron_and_the_refresh_is_scheduled(configs):
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+
+    deployments, _ = configs
+    by_name = {d["name"]: d for d in deployments}
+    nightly = [_schedule_config_to_deployment_schedule(s) for s in by_name["nightly-refresh"]["schedules"]]
+    assert nightly[0]["schedule"].cron == "0 2 * * *" and nightly[0]["active"] is True
+    for d in deployments:
+        for s in d.get("schedules") or []:
+            _schedule_config_to_deployment_schedule(s)  # CronSchedule validates the expression
+    with pytest.raises(Exception):
+        _schedule_config_to_deployment_schedule({"cron": "61 25 * * *"})
+
+
+def test_work_pools_are_defined_once_and_reused(configs):
+    text = PREFECT_YAML.read_text()
+    assert text.count("name: anyflow-local") == 1 and text.count("name: anyflow-gpu") == 1
+    deployments, _ = configs
+    pools = {d["name"]: d["work_pool"]["name"] for d in deployments}
+    assert pools == {"nightly-refresh": "anyflow-local", "cluster-distill": "anyflow-gpu",
+                     "continued-training": "anyflow-gpu", "release": "anyflow-local"}
