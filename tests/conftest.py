@@ -23,3 +23,12 @@ def tiny_wan():
     with torch.no_grad():
         model.proj_out.weight.normal_(0, 0.05)
     return model
+
+
+# One Prefect API for the whole session (it takes ~20 s to start): flow and deployment tests share it.
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

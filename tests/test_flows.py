@@ -71,14 +71,6 @@ DVC_YAML = {"stages": {
 }}
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _repo(tmp_path: Path, tolerance: float) -> Path:
     (tmp_path / "fake_stage.py").write_text(FAKE_STAGE)
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
