@@ -8,6 +8,7 @@ an unchanged stage), synthesis shards run as ``anyflow synthesize --shard i/n``,
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from pydantic import BaseModel
 
 
 class Commands(BaseModel):
-    """Command templates; ``{stage}``, ``{shard}`` (``i/n``) and ``{anyflow}`` are substituted per call."""
+    """Command templates; ``{stage}``, ``{shard}`` (``i/n``) and ``{anyflow}`` are substituted per call.
 
-    stage: list[str] = ["dvc", "repro", "--single-item", "{stage}"]
+    DVC and anyflow run through this interpreter (``python -m``) so a worker needs no PATH set-up beyond its venv.
+    """
+
+    stage: list[str] = [sys.executable, "-m", "dvc", "repro", "--single-item", "{stage}"]
     shard: list[str] = ["{anyflow}", "synthesize", "--shard", "{shard}"]
     finalise: list[str] = ["{anyflow}", "{stage}"]
-    record: list[str] = ["dvc", "commit", "--force", "{stage}"]
+    record: list[str] = [sys.executable, "-m", "dvc", "commit", "--force", "{stage}"]
     anyflow: list[str] = [sys.executable, "-m", "anyflow.cli"]
 
     def render(self, template: list[str], **values: str) -> list[str]:
@@ -55,6 +59,11 @@ class StageFailed(RuntimeError):
 
 
 def run_command(argv: list[str], cwd: str | Path) -> CommandResult:
-    """Run ``argv`` in ``cwd`` and return its exit code and combined output (the calling task logs it)."""
-    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Run ``argv`` in ``cwd`` and return its exit code and combined output (the calling task logs it).
+
+    This interpreter's ``bin`` directory goes first on PATH so the ``anyflow`` commands in ``dvc.yaml`` resolve to
+    the same environment even when the worker's venv is not activated.
+    """
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return CommandResult(list(argv), proc.returncode, proc.stdout)

@@ -92,3 +92,17 @@ def test_prefect_deploy_registers_every_deployment(prefect_harness, tmp_path):
     nightly = names["anyflow-distill/nightly-refresh"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.work_pool_name == "anyflow-local" and nightly.parameters["num_shards"] == 2
+
+
+def test_layering_flows_never_import_torch_and_the_library_never_imports_prefect():
+    import subprocess
+
+    check_flows = ("import sys, flows.distill, flows.release, flows.continued_training, tasks.stages; "
+                   "assert 'torch' not in sys.modules, 'a flow imported torch'")
+    check_lib = ("import sys, anyflow.store, anyflow.store.local, anyflow.store.lakefs, anyflow.stages.promote, "
+                 "anyflow.stages.pull; assert 'prefect' not in sys.modules and 'torch' not in sys.modules")
+    for code in (check_flows, check_lib):
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    offenders = [str(p) for p in (ROOT / "anyflow").rglob("*.py")
+                 if "import prefect" in p.read_text() or "from prefect" in p.read_text()]
+    assert offenders == []

@@ -170,7 +170,7 @@ def test_distill_through_real_dvc_repro(tmp_path, prefect_harness):
     stages["stage1"]["deps"].append("metrics/synthesize.json")
     stages["stage2"]["deps"].append("metrics/stage1.json")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
 
     cmds = Commands(anyflow=[sys.executable, "-m", "anyflow.cli"])  # default dvc templates
     first = distill(repo=str(repo), release_name="dvc1", cmds=cmds)

@@ -113,3 +113,25 @@ def test_bad_credentials_and_unknown_release_are_clear_errors(tmp_path, lakefs_s
         LakeFSStore(server.endpoint, "", "", "anyflow")
     with pytest.raises(Exception):
         store.rollback("nope")
+
+
+def test_cli_promote_and_pull_with_lakefs_backend(tmp_path, lakefs_store, monkeypatch):
+    """`anyflow promote` / `anyflow pull` with store.backend=lakefs; credentials only from the environment."""
+    from anyflow.cli import main
+
+    store, server = lakefs_store
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"profile: toy\nstore:\n  backend: lakefs\n  lakefs_endpoint: "
+                                          f"{server.endpoint}\n  lakefs_repository: anyflow\n")
+    make_release(tmp_path / "artifacts/release", passed=True)
+    monkeypatch.delenv("LAKEFS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("LAKEFS_SECRET_ACCESS_KEY", raising=False)
+    assert main(["promote", "--name", "cli1"]) == 1  # no credentials: a clear error, nothing stored
+    monkeypatch.setenv("LAKEFS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("LAKEFS_SECRET_ACCESS_KEY", SECRET)
+    assert main(["promote", "--name", "cli1"]) == 0
+    make_release(tmp_path / "artifacts/release", passed=False)
+    assert main(["promote", "--name", "cli2"]) == 3
+    assert store.list() == ["cli1"] and store.latest() == "cli1"
+    assert main(["pull", "latest", "--dest", "pulled"]) == 0
+    assert json.loads((tmp_path / "pulled/manifest.json").read_text())["gate"]["passed"] is True
