@@ -11,14 +11,20 @@ import yaml
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 _MAX_INLINE_IMAGE = 2 << 20
+_MAX_IMAGES = 8
 
 
 def declared_outputs(repo: Path, stage: str) -> tuple[list[Path], list[Path]]:
-    """(metrics files, plot files) that ``dvc.yaml`` declares for ``stage``; falls back to metrics/<stage>.json."""
+    """(metrics files, plot files or directories) that ``dvc.yaml`` declares for ``stage``.
+
+    Metrics fall back to ``metrics/<stage>.json``; the stage's ``outs`` directories count as plot directories too,
+    so a PNG the stage writes beside its report (the gate's step-scaling plot) is published even when the DVC
+    plot itself is declared as CSV/JSON data.
+    """
     metrics, plots = [], []
     dvc_yaml = repo / "dvc.yaml"
     spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {}) if dvc_yaml.exists() else {}
-    for key, bucket in (("metrics", metrics), ("plots", plots)):
+    for key, bucket in (("metrics", metrics), ("plots", plots), ("outs", plots)):
         for item in spec.get(key, []) or []:
             bucket.append(repo / (next(iter(item)) if isinstance(item, dict) else item))
     if not metrics:
@@ -65,11 +71,13 @@ def publish_stage_artifacts(repo: Path, stage: str) -> dict[str, object]:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
         create_markdown_artifact("\n".join(lines), key=artifact_key(stage, "summary"),
                                  description=f"{stage}: metrics summary")
+    images: list[Path] = []
     for path in plot_files:
         for image in ([path] if path.is_file() else sorted(path.glob("*.png")) if path.is_dir() else []):
-            if image.suffix.lower() != ".png":
-                continue
-            publish_image(image, key=artifact_key(stage, image.stem))
+            if image.suffix.lower() == ".png" and image not in images:
+                images.append(image)
+    for image in images[:_MAX_IMAGES]:
+        publish_image(image, key=artifact_key(stage, image.stem))
     return flat
 
 

@@ -102,3 +102,19 @@ def test_cli_promote_refuses_failed_gate_and_pull_verifies(tmp_path, monkeypatch
     assert (tmp_path / "out/manifest.json").exists()
     assert main(["promote", "--rollback", "nope"]) == 1  # unknown release: a clear error, nothing changes
     assert LocalStore(tmp_path / "reg").list() == ["good"]
+
+
+def test_store_accepts_the_manifest_written_by_anyflow_export(tmp_path):
+    """Contract test with the export side: a manifest from anyflow.export.manifest promotes and pulls."""
+    mf = pytest.importorskip("anyflow.export.manifest")
+    rel = tmp_path / "release"
+    (rel / "onnx").mkdir(parents=True)
+    (rel / "onnx/transformer.onnx").write_bytes(b"graph" * 100)
+    (rel / "model_index.json").write_text("{}")
+    manifest = mf.build_manifest(rel, git_sha="abc1234", dvc_lock="e" * 64, gate={"passed": True, "total_at_4": 0.8},
+                                 profile="toy", parity={"transformer": 1e-5})
+    mf.write_manifest(rel, manifest)
+    store = LocalStore(tmp_path / "reg")
+    store.promote(store.put_release(rel, name="exp1"))
+    out = store.pull("exp1", tmp_path / "pulled")
+    assert mf.verify_release(out)["git_sha"] == "abc1234"
