@@ -113,6 +113,9 @@ def test_bad_credentials_and_unknown_release_are_clear_errors(tmp_path, lakefs_s
         LakeFSStore(server.endpoint, "", "", "anyflow")
     with pytest.raises(Exception):
         store.rollback("nope")
+    store.promote(store.put_release(make_release(tmp_path / "a"), name="r1"))
+    with pytest.raises(StoreError, match="already tagged"):  # releases are immutable; checked before any write
+        store.put_release(make_release(tmp_path / "b"), name="r1")
 
 
 def test_cli_promote_and_pull_with_lakefs_backend(tmp_path, lakefs_store, monkeypatch):

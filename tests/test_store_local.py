@@ -22,7 +22,7 @@ def test_promote_moves_candidate_and_updates_latest_and_history(tmp_path):
     meta = json.loads((tmp_path / "reg/releases/r1/store.json").read_text())["metadata"]
     assert meta["git_sha"] == "0123456789abcdef" and meta["gate.passed"] == "true" and meta["run"] == "1"
     # no temporary files left beside the registry entries
-    leftovers = [p for p in (tmp_path / "reg").rglob(".*")]
+    leftovers = [p for p in (tmp_path / "reg").rglob(".*") if p.name != ".lock"]
     assert leftovers == []
 
 

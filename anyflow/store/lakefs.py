@@ -65,7 +65,13 @@ class LakeFSStore(Store):
         verify_tree(release_dir, manifest)
         name = check_name(name or default_name(manifest, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
         meta = commit_metadata(manifest, {**(metadata or {}), "release": name})
-        branch = self.repo.branch(candidate_branch(name)).create(self.main)
+        if name in self.list():
+            raise StoreError(f"release {name}: already tagged in lakefs://{self.repo.id}; releases are immutable")
+        try:
+            branch = self.repo.branch(candidate_branch(name)).create(self.main)
+        except self._lakefs.exceptions.ConflictException:
+            raise StoreError(f"candidate {name}: branch {candidate_branch(name)} already exists in "
+                             f"lakefs://{self.repo.id}; choose another name") from None
         stale = [o.path for o in branch.objects(prefix=PREFIX)]
         if stale:
             branch.delete_objects(stale)
@@ -85,6 +91,8 @@ class LakeFSStore(Store):
                                      where=f"lakefs://{self.repo.id}/{branch.id}/{PREFIX}{MANIFEST}")
         if not manifest["gate"]["passed"]:
             raise GateFailedError(f"candidate {name}: gate.passed is false; not merged into {self.main}, not tagged")
+        if name in self.list():  # check before merging: a failed tag after a merge would leave main untagged
+            raise StoreError(f"release {name}: already tagged in lakefs://{self.repo.id}")
         meta = commit_metadata(manifest, {"release": name})
         merge_id = branch.merge_into(self.main, message=f"promote {name}", metadata=meta, strategy="source-wins")
         self.repo.tag(name).create(merge_id)

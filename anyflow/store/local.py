@@ -14,6 +14,8 @@ or the new state, never a half-written release.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import time
@@ -59,6 +61,10 @@ class LocalStore(Store):
         return Candidate(name, manifest["gate"]["passed"], str(self._candidate(name)), meta)
 
     def promote(self, candidate: Candidate | str) -> Release:
+        with self._lock():
+            return self._promote(candidate)
+
+    def _promote(self, candidate: Candidate | str) -> Release:
         name = candidate.name if isinstance(candidate, Candidate) else check_name(candidate)
         src = self._candidate(name)
         if not src.is_dir():
@@ -76,6 +82,10 @@ class LocalStore(Store):
         return Release(name, str(dst))
 
     def rollback(self, to_release: str) -> Release:
+        with self._lock():
+            return self._rollback(to_release)
+
+    def _rollback(self, to_release: str) -> Release:
         name = check_name(to_release)
         if not self._release(name).is_dir():
             known = ", ".join(self.list()) or "none"
@@ -109,6 +119,17 @@ class LocalStore(Store):
                 shutil.copy2(p, target)
 
     # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _lock(self):
+        """Serialise promote/rollback between processes (history.json is read-modify-write)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     def _set_latest(self, name: str, action: str) -> None:
         events = self.history()
         events.append({"action": action, "release": name, "previous": self.latest(), "at": time.time()})
