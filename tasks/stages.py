@@ -99,17 +99,19 @@ def run_gate(repo: str, cmds: Commands, metrics_file: str = "metrics/gate.json")
     started = time.time()
     result = _run(cmds.render(cmds.stage, stage="gate"), repo, "gate")
     verdict_path = Path(repo) / metrics_file
+    metrics = json.loads(verdict_path.read_text()) if verdict_path.exists() else {}
     fresh = verdict_path.exists() and verdict_path.stat().st_mtime >= started - 1
-    metrics = json.loads(verdict_path.read_text()) if fresh else {}
-    passed = gate_passed(metrics) if fresh else None
-    if fresh:
+    verdict = gate_passed(metrics)
+    if metrics:
         publish_stage_artifacts(Path(repo), "gate")
-    if result.returncode == 0 and passed is not False:
-        return {"passed": True, "metrics": metrics}
-    if result.returncode != 0 and passed is False:
+    # exit 0: the gate passed now, or DVC skipped it because an identical run passed before (only successful
+    # runs enter dvc.lock); a verdict of passed=false still wins. Non-zero: a verdict only if freshly written.
+    if verdict is False and (result.returncode == 0 or fresh):
         get_run_logger().warning("gate failed: the candidate will not be promoted\n%s", result.tail(20))
         return {"passed": False, "metrics": metrics, "reason": result.tail(20)}
-    raise StageFailed("gate (no fresh verdict in %s)" % metrics_file, result)
+    if result.returncode == 0:
+        return {"passed": True, "metrics": metrics}
+    raise StageFailed(f"gate (exit {result.returncode} without a fresh verdict in {metrics_file})", result)
 
 
 @task(retries=2, retry_delay_seconds=15, retry_condition_fn=_retry_unless(EXIT_GATE_REFUSED, EXIT_INVALID_PARAMS),

@@ -184,3 +184,22 @@ def test_distill_through_real_dvc_repro(tmp_path, prefect_harness):
     assert second["promoted"] is None and second["gate"]["passed"] is False
     assert (repo / "calls.log").read_text().split() == ["gate"]  # DVC skipped the unchanged stages
     assert _latest(repo) == "dvc1" and not (repo / "registry/releases/dvc2").exists()
+
+
+def test_gate_crash_fails_the_flow_instead_of_reading_as_not_promoted(tmp_path, prefect_harness):
+    from prefect import flow
+
+    from tasks.commands import Commands
+    from tasks.stages import run_gate
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/gate.json").write_text(json.dumps({"passed": True}))  # stale verdict of an older run
+    crash = Commands(stage=[sys.executable, "-c", "import sys; print('Traceback: boom'); sys.exit(1)"])
+
+    @flow
+    def only_gate():
+        return run_gate(str(tmp_path), crash)
+
+    state = only_gate(return_state=True)
+    assert state.is_failed()
+    assert "without a fresh verdict" in str(state.result(raise_on_failure=False))
