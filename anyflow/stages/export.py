@@ -1,0 +1,306 @@
+"""``anyflow export``: merged any-step student → diffusers directory + ONNX graphs + release manifest (DESIGN §6).
+
+Reads the teacher (``artifacts/teacher``, a ``WanPipeline`` directory; ``model.pretrained_dir`` for wan profiles)
+and the student adapter (``--adapter auto``: ``artifacts/stage2/ema_adapter.safetensors``, else
+``artifacts/stage1/ema_adapter.safetensors``; or ``stage2``/``stage1``/a path). Writes ``artifacts/release/``,
+built in a temporary directory and swapped in only when every check passed::
+
+    pipeline/            AnyFlowPipeline.from_pretrained(...) loads it (merged transformer, teacher VAE, text
+                         encoder, tokenizer, FlowMapEulerDiscreteScheduler(shift = model.flow_shift))
+    onnx/transformer.onnx, onnx/text_encoder.onnx, onnx/vae_decoder.onnx
+    manifest.json        files + sha256 + sizes, git sha, dvc.lock digest, gate verdict, parity, runtime shapes
+
+Checks (recorded in the manifest and ``metrics/export.json``): merged vs adapter model (max abs diff), each ONNX
+graph through ``onnx.checker`` and ONNX Runtime vs torch (max abs/rel error; the transformer at every
+``export.check_pairs`` (t, r)), and a full 4-step generation ONNX Runtime vs torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from anyflow.config import Config
+from anyflow.stages.common import StagePaths
+from anyflow.utils.io import write_json
+
+log = logging.getLogger(__name__)
+ADAPTER = "student"
+ADAPTER_FILE = "ema_adapter.safetensors"
+PROBE_PROMPTS = ("a red circle moving left", "a blue square moving up")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default="auto",
+                   help="student adapter: auto (stage2 if present, else stage1), stage2, stage1, or a .safetensors path")
+    p.add_argument("--teacher", default=None, help="teacher WanPipeline directory (default: from the profile)")
+    p.add_argument("--out", default=None, help="release directory (default: <paths.root>/release)")
+
+
+@dataclass(frozen=True)
+class ExportOutputs:
+    release: Path
+    manifest: Path
+    metrics: Path
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def resolve_adapter(paths: StagePaths, choice: str) -> Path:
+    """``auto`` → stage-2 EMA adapter if it exists, else stage-1; ``stage1``/``stage2`` → that one; else a path."""
+    options = {"stage2": paths.stage2 / ADAPTER_FILE, "stage1": paths.stage1 / ADAPTER_FILE}
+    if choice == "auto":
+        for key in ("stage2", "stage1"):
+            if options[key].is_file():
+                return options[key]
+        raise FileNotFoundError(f"{options['stage2']} / {options['stage1']}: no student adapter (run stage1)")
+    path = options.get(choice, Path(choice))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: student adapter not found (--adapter {choice})")
+    return path
+
+
+def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) -> Path:
+    root = Path(override) if override else (
+        Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root}/model_index.json: teacher WanPipeline directory not found "
+                                f"(run `anyflow teacher`)")
+    return root
+
+
+def load_teacher_pipeline(root: Path):
+    """The teacher as a ``WanPipeline`` (the toy teacher is saved exactly like Wan2.1, DESIGN §4)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(str(root))
+
+
+def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path):
+    """``AnyFlowTransformer3DModel`` from the teacher (delta_embedder = copy of time_embedder) + adapter
+    ``student`` loaded from ``adapter_path`` (a peft state dict without adapter names)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    add_lora, student_from_teacher = _student_api()
+    model = student_from_teacher(teacher_transformer, cfg.student).eval()
+    add_lora(model, cfg.student, ADAPTER)
+    state = load_file(str(adapter_path))
+    expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{adapter_path}: adapter keys do not match student.lora_* config "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    model.set_adapter(ADAPTER)
+    return model
+
+
+def _student_api():
+    """``anyflow.models.student``'s (add_lora, student_from_teacher); a minimal stand-in until that module exists
+    (same contract: AnyFlow model with the teacher's weights, delta_embedder ← time_embedder; peft LoRA on
+    ``student.lora_targets``)."""
+    try:
+        from anyflow.models.student import add_lora, student_from_teacher
+
+        return add_lora, student_from_teacher
+    except ModuleNotFoundError as err:
+        if err.name != "anyflow.models.student":
+            raise
+
+    def student_from_teacher(teacher, scfg):
+        import inspect
+
+        from diffusers import AnyFlowTransformer3DModel
+
+        keys = set(inspect.signature(AnyFlowTransformer3DModel.__init__).parameters) - {"self", "gate_value"}
+        kwargs = {k: v for k, v in teacher.config.items() if k in keys and not k.startswith("_")}
+        model = AnyFlowTransformer3DModel(**kwargs, gate_value=scfg.gate_value)
+        missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("condition_embedder.delta_embedder.") for k in missing):
+            raise ValueError(f"teacher → student weight mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        emb = model.condition_embedder
+        emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())
+        return model
+
+    def add_lora(model, scfg, name):
+        from peft import LoraConfig
+
+        model.add_adapter(LoraConfig(r=scfg.lora_rank, lora_alpha=scfg.lora_alpha,
+                                     target_modules=list(scfg.lora_targets)), adapter_name=name)
+
+    return add_lora, student_from_teacher
+
+
+def merge_adapter(model, adapter: str = ADAPTER):
+    """Fold ``W ← W + (α/r)·B·A`` into the base weights (diffusers ``fuse_lora``) and drop the LoRA layers."""
+    model.fuse_lora(adapter_names=[adapter])
+    model.unload_lora()
+    leftover = [n for n, _ in model.named_parameters() if "lora_" in n]
+    if leftover:
+        raise RuntimeError(f"merge left LoRA parameters behind: {leftover[:3]}")
+    return model
+
+
+def latent_shape(cfg: Config, vae, in_channels: int) -> tuple[int, int, int, int]:
+    """(C, F', h, w) from the VAE *architecture*: temporal factor 2^Σtemperal_downsample, spatial 2^(levels−1)."""
+    c = vae.config
+    tf = 2 ** sum(bool(x) for x in c.temperal_downsample)
+    sf = 2 ** (len(c.dim_mult) - 1)
+    v = cfg.video
+    return (in_channels, (v.num_frames - 1) // tf + 1, v.height // sf, v.width // sf)
+
+
+def probe_inputs(shape: tuple, text: torch.Tensor, t: float, r: float, shift: float, seed: int = 0) -> dict:
+    """Random latents (B, F, C, h, w) at τ = t → r as model timesteps 1000·shift(τ), per frame."""
+    b = text.shape[0]
+    c, f, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    sh = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731  DESIGN §2
+    return {"latents": torch.randn(b, f, c, h, w, generator=g), "t": torch.full((b, f), 1000 * sh(t)),
+            "r": torch.full((b, f), 1000 * sh(r)), "text_embeds": text}
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: Optional[str] = None,
+        repo: str | Path = ".") -> ExportOutputs:
+    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+
+    from anyflow.export import manifest as mf
+    from anyflow.export import onnx_export as ox
+    from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate
+    from anyflow.utils.io import atomic_dir
+
+    torch.set_grad_enabled(False)
+    paths = StagePaths.of(cfg)
+    release = Path(out) if out else paths.release
+    adapter_path = resolve_adapter(paths, adapter)
+    seconds: dict[str, float] = {}
+    parity: dict[str, dict] = {}
+    tic = time.perf_counter()
+
+    teacher_pipe = load_teacher_pipeline(teacher_dir(cfg, paths, teacher))
+    model = student_with_adapter(teacher_pipe.transformer, cfg, adapter_path)
+    shape = latent_shape(cfg, teacher_pipe.vae, model.config.in_channels)
+    tok = teacher_pipe.tokenizer
+    from anyflow.export.runtime import tokenize
+
+    ids, mask = tokenize(tok, PROBE_PROMPTS, cfg.model.max_text_len)
+    text = ox.TextEncoderGraph(teacher_pipe.text_encoder)(ids, mask)
+
+    # 1. merge, and check the merged model equals the adapter model at every check pair
+    probes = [probe_inputs(shape, text, t, r, cfg.model.flow_shift, seed=i)
+              for i, (t, r) in enumerate(cfg.export.check_pairs)]
+    before = [ox.FlowMapGraph(model)(**p) for p in probes]
+    merged = merge_adapter(model)
+    merge_diff = max(float((ox.FlowMapGraph(merged)(**p) - b).abs().max()) for p, b in zip(probes, before))
+    parity["merge"] = {"max_abs": merge_diff, "ref_scale": max(float(b.abs().max()) for b in before)}
+    if merge_diff > cfg.export.atol:
+        raise RuntimeError(f"merged model differs from the adapter model by {merge_diff:.2e} > export.atol")
+    seconds["load_merge"] = time.perf_counter() - tic
+
+    pipe = AnyFlowPipeline(tokenizer=tok, text_encoder=teacher_pipe.text_encoder, transformer=merged,
+                           vae=teacher_pipe.vae, scheduler=FlowMapEulerDiscreteScheduler(shift=cfg.model.flow_shift))
+    with atomic_dir(release) as tmp:
+        t0 = time.perf_counter()
+        pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
+        seconds["save_pipeline"] = time.perf_counter() - t0
+
+        # 2. ONNX graphs, each checked
+        onnx_dir = tmp / "onnx"
+        t0 = time.perf_counter()
+        if "transformer" in cfg.export.components:
+            path = ox.export_transformer(merged, onnx_dir / "transformer.onnx", probes[0], cfg.export.opset)
+            ox.check_onnx(path)
+            sess = ox.session(path)
+            graph = ox.FlowMapGraph(merged)
+            parity["transformer"] = {f"t={t},r={r}": ox.parity(path, graph, p, sess).as_dict()
+                                     for (t, r), p in zip(cfg.export.check_pairs, probes)}
+            single = {k: v[:1] for k, v in probes[1].items()}  # dynamic batch: B = 1 as well as B = 2
+            parity["transformer"]["batch=1"] = ox.parity(path, graph, single, sess).as_dict()
+        seconds["onnx_transformer"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if "text_encoder" in cfg.export.components:
+            path = ox.export_text_encoder(teacher_pipe.text_encoder, onnx_dir / "text_encoder.onnx",
+                                          {"input_ids": ids, "attention_mask": mask}, cfg.export.opset)
+            ox.check_onnx(path)
+            parity["text_encoder"] = ox.parity(path, ox.TextEncoderGraph(teacher_pipe.text_encoder),
+                                               {"input_ids": ids, "attention_mask": mask}).as_dict()
+        seconds["onnx_text_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if "vae_decoder" in cfg.export.components:
+            z = torch.randn((1, *shape), generator=torch.Generator().manual_seed(7))
+            path = ox.export_vae_decoder(teacher_pipe.vae, onnx_dir / "vae_decoder.onnx", {"latents": z},
+                                         cfg.export.opset)
+            ox.check_onnx(path)
+            parity["vae_decoder"] = ox.parity(path, ox.VaeDecoderGraph(teacher_pipe.vae), {"latents": z}).as_dict()
+        seconds["onnx_vae_decoder"] = time.perf_counter() - t0
+
+        runtime = {"flow_shift": cfg.model.flow_shift, "max_text_len": cfg.model.max_text_len,
+                   "latent_shape": list(shape), "fps": cfg.video.fps,
+                   "video": {"num_frames": cfg.video.num_frames, "height": cfg.video.height,
+                             "width": cfg.video.width},
+                   "transformer_inputs": {"latents": "B,F,C,H,W float32", "t": "B,F float32 (1000*shift(tau))",
+                                          "r": "B,F float32 (1000*shift(tau))", "text_embeds": "B,L,D float32"},
+                   "vae_decoder": "batch 1, fixed latent frame count (causal-conv frame loop unrolled)"}
+        mf.write_manifest(tmp, {"files": [], "git_sha": "", "dvc_lock_digest": "", "gate": {"passed": False},
+                                "runtime": runtime})  # provisional: lets the runtime read shapes for the check
+
+        # 3. a full 4-step generation: ONNX Runtime vs torch
+        if set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:
+            t0 = time.perf_counter()
+            info = ReleaseInfo.read(tmp)
+            ref = generate(TorchBackend(pipe), info, PROBE_PROMPTS[:1], 4, seed=0, tokenizer=tok)
+            got = generate(OnnxBackend(tmp), info, PROBE_PROMPTS[:1], 4, seed=0, tokenizer=tok)
+            parity["generate_4step"] = {
+                "latents": ox.compare(got.latents.numpy(), ref.latents.numpy()).as_dict(),
+                "video": ox.compare(got.video.numpy(), ref.video.numpy()).as_dict(),
+                "frames_max_uint8_diff": int(abs(got.frames.astype(int) - ref.frames.astype(int)).max()),
+            }
+            seconds["generate_check"] = time.perf_counter() - t0
+        _check_parity(parity, cfg.export.atol, cfg.export.rtol)
+
+        # 4. manifest (last: it hashes everything above)
+        git_sha, dirty = mf.git_state(repo)
+        gate = mf.gate_summary([paths.gate / "report.json", paths.metric("gate")])
+        manifest = mf.build_manifest(
+            tmp, git_sha=git_sha, git_dirty=dirty, dvc_lock=mf.dvc_lock_digest(Path(repo) / "dvc.lock"), gate=gate,
+            profile=cfg.profile, parity=parity,
+            extra={"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)})
+        mf.write_manifest(tmp, manifest)
+        mf.verify_release(tmp)
+    seconds["total"] = time.perf_counter() - tic
+    metrics = {"seconds": seconds, "parity": parity, "gate_passed": manifest["gate"]["passed"],
+               "adapter": str(adapter_path),
+               "bytes": {e["path"]: e["size"] for e in manifest["files"] if e["path"].endswith((".onnx", ".safetensors"))}}
+    metrics_path = write_json(paths.metric("export"), metrics)
+    log.info("release %s: %d files, gate passed=%s, %.1f s", release, len(manifest["files"]),
+             manifest["gate"]["passed"], seconds["total"])
+    return ExportOutputs(release, release / mf.MANIFEST, metrics_path)
+
+
+def _check_parity(parity: dict, atol: float, rtol: float) -> None:
+    """Every recorded ONNX-vs-torch error within ``atol + rtol·max|ref|``; else an error naming the check."""
+    def walk(node, where):
+        if isinstance(node, dict) and "max_abs" in node and "ref_scale" in node:
+            if node["max_abs"] > atol + rtol * node["ref_scale"]:
+                raise RuntimeError(f"parity {where}: max abs error {node['max_abs']:.2e} exceeds "
+                                   f"export.atol + export.rtol·{node['ref_scale']:.2f}")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{where}.{k}" if where else k)
+
+    walk({k: v for k, v in parity.items() if k != "merge"}, "")
+
+
+def main(cfg: Config, args) -> int:
+    out = run(cfg, adapter=getattr(args, "adapter", "auto"), teacher=getattr(args, "teacher", None),
+              out=getattr(args, "out", None))
+    print(f"release: {out.release}\nmanifest: {out.manifest}\nmetrics: {out.metrics}")
+    return 0
