@@ -123,7 +123,6 @@ def test_distill_promotes_exactly_when_the_gate_passes(tmp_path, prefect_harness
 
     # artefacts: metrics table + markdown for the stages, the step-scaling plot for the gate
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts(limit=200)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from anyflow.config import Store as StoreConfig
-from anyflow.store.base import (LATEST, Candidate, GateFailedError, Release, Store, StoreError, VerificationError,
+from anyflow.store.base import (LATEST, Candidate, GateFailedError, Release, Store, StoreError, VerificationError,  # noqa: F401
                                 read_manifest, verify_tree)
 
 __all__ = ["open_store", "read_manifest", "verify_tree", "Store", "Candidate", "Release", "StoreError",
