@@ -32,3 +32,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# [F] export: one tiny exported release (random tiny teacher + random student LoRA → anyflow export), shared by
+# tests/test_export_onnx.py and tests/test_generate.py (~40 s on 2 cores, built once per session).
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    from export_fixtures import write_tiny_artifacts
+
+    from anyflow.stages.export import run
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    cfg = write_tiny_artifacts(root)
+    out = run(cfg, repo=root)
+    return cfg, root, out
