@@ -20,10 +20,7 @@ import logging
 import statistics
 import time
 
-import torch
-
 from anyflow.config import Config
-from anyflow.objectives.simulation import consistency_backward_simulation, flowmap_backward_simulation
 from anyflow.stages.common import StagePaths
 from anyflow.utils.io import atomic_write_text, write_json
 
@@ -48,6 +45,7 @@ def toy_latent_shape(cfg: Config) -> tuple[int, int, int, int]:
 def bench_model(cfg: Config, seed: int = 0):
     """A student for timing: random toy-sized Wan → AnyFlow + ``student`` LoRA (cost does not depend on weights);
     for ``model.source: local`` the real transformer from ``model.pretrained_dir``."""
+    import torch
     from diffusers import WanTransformer3DModel
 
     from anyflow.models.student import add_lora, student_from_teacher
@@ -66,9 +64,10 @@ def bench_model(cfg: Config, seed: int = 0):
     return model
 
 
-def time_iteration(method: str, u, noise: torch.Tensor, num_steps: int, k: int, shift: float,
-                   generator: torch.Generator) -> float:
+def time_iteration(method: str, u, noise, num_steps: int, k: int, shift: float, generator) -> float:
     """Wall-clock seconds of one rollout + backward."""
+    from anyflow.objectives.simulation import consistency_backward_simulation, flowmap_backward_simulation
+
     t0 = time.perf_counter()
     if method == "flowmap":
         x_hat = flowmap_backward_simulation(u, noise, num_steps, k, shift)
@@ -79,6 +78,8 @@ def time_iteration(method: str, u, noise: torch.Tensor, num_steps: int, k: int, 
 
 
 def run_bench(cfg: Config, steps=(4, 16), repeats: int = 3, batch_size: int | None = None) -> dict:
+    import torch
+
     from anyflow.models.student import student_velocity
 
     model = bench_model(cfg)
@@ -113,6 +114,8 @@ def run_bench(cfg: Config, steps=(4, 16), repeats: int = 3, batch_size: int | No
 
 
 def main(cfg: Config, args) -> int:
+    import torch
+
     torch.set_num_threads(getattr(args, "threads", 1))
     steps = tuple(getattr(args, "steps", (4, 16)))
     res = run_bench(cfg, steps, getattr(args, "repeats", 3), getattr(args, "batch_size", None))

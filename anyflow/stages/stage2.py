@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from anyflow.config import Config
 from anyflow.stages.common import StagePaths
 from anyflow.utils.io import write_json
@@ -54,6 +52,8 @@ class Stage2Outputs:
 def gaussian_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fréchet distance between Gaussian fits of two feature sets (rows are samples):
     ``‖μa − μb‖² + Tr(Σa + Σb − 2·(Σa^½ Σb Σa^½)^½)``, in float64 with symmetric eigendecompositions."""
+    import torch
+
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     sa, sb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
@@ -65,6 +65,8 @@ def gaussian_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def latent_features(x_BCFHW: torch.Tensor) -> torch.Tensor:
     """Per-sample statistics (B, 3C): per-channel mean, std and mean |x_{f+1} − x_f| over (F, H, W)."""
+    import torch
+
     flat = x_BCFHW.flatten(2)
     feats = [flat.mean(-1), flat.std(-1)]
     if x_BCFHW.shape[2] > 1:
@@ -122,17 +124,19 @@ def build_model(cfg: Config, teacher, stage1_adapter: Path):
     return model
 
 
-@torch.no_grad()
 def teacher_identity_error(model, teacher, latent_shape: tuple, text_shape: tuple, seed: int = 0) -> float:
     """max |AnyFlow(adapters off)(z, t, r=t) − Wan teacher(z, t)| on random inputs — 0 up to float rounding,
     because ``delta_embedder`` is a copy of ``time_embedder``."""
+    import torch
+
     from anyflow.train.stage2 import velocity
 
     g = torch.Generator().manual_seed(seed)
     z, text = torch.randn(2, *latent_shape, generator=g), torch.randn(2, *text_shape, generator=g)
     t = torch.tensor([0.9, 0.3])
-    ref = teacher(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
-    return float((velocity(model, None, text, None)(z, t, t) - ref).abs().max())
+    with torch.no_grad():
+        ref = teacher(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+        return float((velocity(model, None, text, None)(z, t, t) - ref).abs().max())
 
 
 def storage_bytes(*modules) -> int:
@@ -176,25 +180,27 @@ def memory_comparison(model, teacher) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def sample_student(model, adapter_state: dict, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_steps: int,
-                   shift: float, batch_size: int = 16) -> torch.Tensor:
+def sample_student(model, adapter_state: dict, noise, prompt_embeds, num_steps: int, shift: float,
+                   batch_size: int = 16):
     """N-step flow-map sampling (``z ← z − (τi − τi+1)·u(z, τi, τi+1)``) with the ``student`` adapter set to
     ``adapter_state`` (restored afterwards)."""
     from anyflow.objectives.simulation import euler_sample
     from anyflow.train.stage2 import STUDENT, adapter_params, use_adapter, velocity
 
+    import torch
+
     params = adapter_params(model, STUDENT)
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    for n, p in params.items():
-        p.copy_(adapter_state[n])
-    use_adapter(model, STUDENT, None)
-    out = []
-    for i in range(0, noise.shape[0], batch_size):
-        u = velocity(model, STUDENT, prompt_embeds[i:i + batch_size], None)
-        out.append(euler_sample(u, noise[i:i + batch_size], num_steps, shift))
-    for n, p in params.items():
-        p.copy_(saved[n])
+    with torch.no_grad():
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(adapter_state[n])
+        use_adapter(model, STUDENT, None)
+        out = []
+        for i in range(0, noise.shape[0], batch_size):
+            u = velocity(model, STUDENT, prompt_embeds[i:i + batch_size], None)
+            out.append(euler_sample(u, noise[i:i + batch_size], num_steps, shift))
+        for n, p in params.items():
+            p.copy_(saved[n])
     return torch.cat(out)
 
 
@@ -219,6 +225,8 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     from anyflow.train.stage2 import STUDENT, Stage2Trainer, adapter_params, write_loss_csv
 
     import warnings
+
+    import torch
 
     warnings.filterwarnings("ignore", message=".*(peft_config|was active which is now deleted).*")
     torch.set_num_threads(1)
@@ -300,7 +308,7 @@ def stage1_fn_for(model, cfg: Config, negative: torch.Tensor):
     from anyflow.objectives.flowmap import stage1_loss
     from anyflow.train.stage2 import STUDENT, use_adapter
 
-    def fn(batch, generator):
+    def fn(batch, generator):  # noqa: ANN001
         use_adapter(model, STUDENT, STUDENT)
         return stage1_loss(model, cfg, batch, negative, generator)
 
