@@ -42,8 +42,12 @@ def tiny_release(tmp_path_factory):
 
     from anyflow.stages.export import run
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("export")
-    cfg = write_tiny_artifacts(root)
-    out = run(cfg, repo=root)
+    try:
+        root = tmp_path_factory.mktemp("export")
+        cfg = write_tiny_artifacts(root)
+        out = run(cfg, repo=root)
+    finally:
+        torch.set_num_threads(threads)
     return cfg, root, out
