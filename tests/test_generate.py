@@ -52,3 +52,10 @@ def test_unknown_steps_rejected():
     s = flow_map_schedule(4, 5.0)
     shift = lambda x: 5 * x / (1 + 4 * x)  # noqa: E731
     assert s.tolist() == pytest.approx([shift(1.0), shift(0.75), shift(0.5), shift(0.25), 0.0])
+
+
+def test_cli_backend_choices_match_runtime():
+    from anyflow.export.runtime import BACKENDS
+    from anyflow.stages import generate
+
+    assert generate.BACKENDS == BACKENDS

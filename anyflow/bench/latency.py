@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from anyflow.config import Config
 
 STEPS = (1, 2, 4, 8)
@@ -45,6 +43,8 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def run(cfg: Config, release: Path, repeats: int = 3, threads: int = 1, teacher: bool = True) -> dict:
+    import torch
+
     from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate, load_tokenizer
     from anyflow.stages.common import StagePaths
 

@@ -18,18 +18,18 @@ graph through ``onnx.checker`` and ONNX Runtime vs torch (max abs/rel error; the
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from anyflow.config import Config
 from anyflow.stages.common import StagePaths
 from anyflow.utils.io import write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 ADAPTER = "student"
@@ -157,8 +157,10 @@ def latent_shape(cfg: Config, vae, in_channels: int) -> tuple[int, int, int, int
     return (in_channels, (v.num_frames - 1) // tf + 1, v.height // sf, v.width // sf)
 
 
-def probe_inputs(shape: tuple, text: torch.Tensor, t: float, r: float, shift: float, seed: int = 0) -> dict:
+def probe_inputs(shape: tuple, text: "torch.Tensor", t: float, r: float, shift: float, seed: int = 0) -> dict:
     """Random latents (B, F, C, h, w) at τ = t → r as model timesteps 1000·shift(τ), per frame."""
+    import torch
+
     b = text.shape[0]
     c, f, h, w = shape
     g = torch.Generator().manual_seed(seed)
@@ -170,6 +172,15 @@ def probe_inputs(shape: tuple, text: torch.Tensor, t: float, r: float, shift: fl
 # ------------------------------------------------------------------------------------------------ the stage
 def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: Optional[str] = None,
         repo: str | Path = ".") -> ExportOutputs:
+    """The whole stage (see the module docstring); gradients off inside, global torch state untouched."""
+    import torch
+
+    with torch.no_grad():
+        return _run(cfg, adapter, teacher, out, repo)
+
+
+def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], repo: str | Path) -> ExportOutputs:
+    import torch
     from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
     from anyflow.export import manifest as mf
@@ -177,7 +188,6 @@ def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: 
     from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate
     from anyflow.utils.io import atomic_dir
 
-    torch.set_grad_enabled(False)
     paths = StagePaths.of(cfg)
     release = Path(out) if out else paths.release
     adapter_path = resolve_adapter(paths, adapter)

@@ -14,17 +14,20 @@ import argparse
 import json
 import logging
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from anyflow.config import Config
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from anyflow.export.runtime import BACKENDS
+BACKENDS = ("torch", "onnxruntime", "tensorrt")  # = anyflow.export.runtime.BACKENDS (no torch import for --help)
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release", default=None, help="release directory (default: <paths.root>/release)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--steps", type=int, default=4, help="number of flow-map steps (any N >= 1)")
@@ -35,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check")
 
 
-def write_mp4(path: Path, frames_FHW3: np.ndarray, fps: int) -> Path:
+def write_mp4(path: Path, frames_FHW3: "np.ndarray", fps: int) -> Path:
     """H.264 mp4 through imageio-ffmpeg (``macro_block_size=1`` keeps tiny toy frames unresized)."""
     import imageio
 
@@ -45,9 +48,10 @@ def write_mp4(path: Path, frames_FHW3: np.ndarray, fps: int) -> Path:
     return path
 
 
-def write_strip(path: Path, frames_FHW3: np.ndarray) -> Path:
+def write_strip(path: Path, frames_FHW3: "np.ndarray") -> Path:
     """All frames side by side in one PNG."""
     import imageio
+    import numpy as np
 
     imageio.imwrite(str(path), np.concatenate(list(frames_FHW3), axis=1))
     return path
