@@ -65,3 +65,10 @@ def test_gate_summary_copies_report_and_defaults_to_failed(tmp_path):
     (tmp_path / "gate.json").write_text(json.dumps({"passed": True, "total": {"4": 0.7}}))
     g = gate_summary([tmp_path / "nope.json", tmp_path / "gate.json"])
     assert g["passed"] is True and g["total"] == {"4": 0.7}
+
+
+def test_gate_verdict_nested_one_level(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"policy": {"passed": True}, "total": 0.5}))
+    assert gate_summary([tmp_path / "report.json"])["passed"] is True
+    (tmp_path / "report.json").write_text(json.dumps({"passed": "yes"}))
+    assert gate_summary([tmp_path / "report.json"])["passed"] is False  # only a real boolean counts

@@ -67,10 +67,20 @@ def gate_summary(candidates: list[str | Path]) -> dict:
             if not isinstance(report, dict):
                 raise ValueError(f"{path}: gate report must be a JSON object")
             gate = dict(report)
-            gate["passed"] = bool(report.get("passed", False))
+            gate["passed"] = _verdict(report)
             gate["source"] = str(path)
             return gate
     return {"passed": False, "reason": "no gate report found at " + ", ".join(str(c) for c in candidates)}
+
+
+def _verdict(report: Mapping[str, Any]) -> bool:
+    """A top-level boolean ``passed``, or one nested a level down (``{"gate": {"passed": ...}}``); else False."""
+    if isinstance(report.get("passed"), bool):
+        return report["passed"]
+    for value in report.values():
+        if isinstance(value, Mapping) and isinstance(value.get("passed"), bool):
+            return value["passed"]
+    return False
 
 
 def build_manifest(root: str | Path, *, git_sha: str, dvc_lock: str, gate: Mapping[str, Any], profile: str,
