@@ -139,9 +139,13 @@ def _student_api():
 
 
 def merge_adapter(model, adapter: str = ADAPTER):
-    """Fold ``W ← W + (α/r)·B·A`` into the base weights (diffusers ``fuse_lora``) and drop the LoRA layers."""
-    model.fuse_lora(adapter_names=[adapter])
-    model.unload_lora()
+    """Fold ``W ← W + (α/r)·B·A`` into the base weights and drop the LoRA layers: peft ``merge_and_unload`` for a
+    ``PeftModel`` wrapper, diffusers ``fuse_lora`` + ``unload_lora`` for adapters added with ``add_adapter``."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload(adapter_names=[adapter])
+    else:
+        model.fuse_lora(adapter_names=[adapter])
+        model.unload_lora()
     leftover = [n for n, _ in model.named_parameters() if "lora_" in n]
     if leftover:
         raise RuntimeError(f"merge left LoRA parameters behind: {leftover[:3]}")
