@@ -76,6 +76,9 @@ class VaeDecoderGraph(nn.Module):
         super().__init__()
         self.vae = vae
         c = vae.config.z_dim
+        for key in ("latents_mean", "latents_std"):
+            if len(getattr(vae.config, key)) != c:
+                raise ValueError(f"vae/config.json: {key} has {len(getattr(vae.config, key))} entries, z_dim is {c}")
         self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1),
                              persistent=False)
