@@ -93,10 +93,10 @@ class Teacher:
     """``anyflow teacher``: train the toy VAE and transformer (toy) or verify a local Wan2.1 directory."""
 
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 200
     vae_lr: float = 2e-3
     vae_batch_size: int = 8
-    steps: int = 1500
+    steps: int = 1000
     lr: float = 1e-3
     batch_size: int = 16
     text_dropout: float = 0.1

@@ -33,7 +33,7 @@ def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32):
     from diffusers import WanPipeline
 
     path = check_teacher_dir(path)
-    pipe = WanPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = WanPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     return pipe
@@ -100,6 +100,15 @@ def teacher_ode_sample(transformer, noise_BCFHW: torch.Tensor, prompt_embeds: to
             v = u + guidance_scale * (c - u)
         z = z + (ts[i + 1] - ts[i]) * v
     return z
+
+
+def latent_shape(pipe, cfg) -> tuple[int, int, int, int]:
+    """(C, F', H', W') of the teacher's latents for ``cfg.video``: Wan VAE ``F' = 1 + (F − 1)/t``, ``H' = H/s``."""
+    vae = pipe.vae
+    t = 2 ** sum(bool(x) for x in vae.config.temperal_downsample)
+    s = 2 ** len(vae.config.temperal_downsample)
+    v = cfg.video
+    return (vae.config.z_dim, 1 + (v.num_frames - 1) // t, v.height // s, v.width // s)
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

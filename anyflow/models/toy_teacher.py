@@ -1,0 +1,183 @@
+"""The toy Wan teacher: a small ``AutoencoderKLWan`` + byte-level tokenizer / tiny UMT5 + small
+``WanTransformer3DModel``, trained on the toy shapes domain and saved as a complete ``WanPipeline`` directory.
+
+Training (DESIGN §4):
+1. VAE on reconstruction, ``L = mean|x̂ − x| + mean(x̂ − x)² + β·KL`` on random toy clips.
+2. ``latents_mean`` / ``latents_std`` := per-channel statistics of the training latents, so the transformer
+   sees ~unit-variance latents (``WanPipeline`` un-normalises with them before decoding).
+3. Transformer by flow matching (t = 1 noise): ``z_t = (1 − t)·x0 + t·ε``, target ``v = ε − x0``,
+   ``t = shift(σ(n))``, n ~ N(0, 1) (shifted logit-normal), prompt replaced by the empty-prompt embedding with
+   probability ``text_dropout`` so classifier-free guidance works. The text encoder stays random and frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from anyflow.config import Config
+from anyflow.data import toy
+from anyflow.models.teacher import encode_prompts, shift_time
+from anyflow.utils.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ToyTeacher:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    transformer: torch.nn.Module
+    scheduler: object
+
+    def pipeline(self):
+        from diffusers import WanPipeline
+
+        return WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=self.scheduler, transformer=self.transformer)
+
+
+def build(cfg: Config, seed: int = 0) -> ToyTeacher:
+    """Random toy components from ``cfg.model`` (geometry 9×32×32 RGB → z×5×8×8 latents)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    m = cfg.model
+    torch.manual_seed(seed)  # module initialisers draw from the global RNG; seed it explicitly here only
+    vae = AutoencoderKLWan(base_dim=m.vae_base_dim, z_dim=m.vae_z_dim, dim_mult=[1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True], attn_scales=[],
+                           latents_mean=[0.0] * m.vae_z_dim, latents_std=[1.0] * m.vae_z_dim)
+    tokenizer = ByT5Tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=m.text_d_model, d_kv=m.text_d_model
+                                               // m.text_heads, d_ff=2 * m.text_d_model,
+                                               num_layers=m.text_layers, num_heads=m.text_heads,
+                                               relative_attention_num_buckets=8, dropout_rate=0.0))
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=m.num_heads,
+                                        attention_head_dim=m.head_dim, in_channels=m.vae_z_dim,
+                                        out_channels=m.vae_z_dim, text_dim=m.text_d_model, freq_dim=m.freq_dim,
+                                        ffn_dim=m.ffn_dim, num_layers=m.num_layers, cross_attn_norm=True,
+                                        eps=1e-6, rope_max_seq_len=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=m.flow_shift)
+    text_encoder.eval().requires_grad_(False)
+    return ToyTeacher(tokenizer, text_encoder, vae, transformer, scheduler)
+
+
+def _clips(specs, n, rng, cfg: Config) -> tuple[torch.Tensor, list]:
+    v = cfg.video
+    frames, chosen = toy.sample_batch(specs, n, rng, v.num_frames, v.height, v.width)
+    return toy.to_model_space(frames), chosen
+
+
+def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, seed: int,
+              progress: bool = True, kl_weight: float = 1e-6) -> list[float]:
+    """Reconstruction training (L1 + L2 + tiny KL); returns the loss curve."""
+    rng = np.random.default_rng([seed, 1])
+    gen = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for step in tqdm(range(steps), disable=not progress, desc="vae"):
+        x, _ = _clips(specs, batch_size, rng, cfg)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z, return_dict=False)[0]
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + kl_weight * kl
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_pool(vae, cfg: Config, specs, n: int, seed: int, batch: int = 16) -> tuple[torch.Tensor, list]:
+    """Raw (un-normalised) VAE latents (posterior mode) of ``n`` random training clips, and their specs."""
+    rng = np.random.default_rng([seed, 2])
+    zs, all_specs = [], []
+    for i in range(0, n, batch):
+        x, chosen = _clips(specs, min(batch, n - i), rng, cfg)
+        zs.append(vae.encode(x).latent_dist.mode())
+        all_specs += chosen
+    return torch.cat(zs), all_specs
+
+
+def set_latent_stats(vae, z_raw: torch.Tensor) -> None:
+    """latents_mean/std := per-channel mean / std over (B, F, H, W) of the training latents."""
+    mean = z_raw.mean(dim=(0, 2, 3, 4))
+    std = z_raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=[float(x) for x in mean], latents_std=[float(x) for x in std])
+
+
+def train_transformer(transformer, z0: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, steps: int,
+                      batch_size: int, lr: float, text_dropout: float, shift: float, seed: int,
+                      progress: bool = True) -> list[float]:
+    """Flow matching on normalised latents ``z0`` (N, C, F, H, W) with per-sample text ``embeds`` (N, L, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    transformer.train().requires_grad_(True)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    losses = []
+    for step in tqdm(range(steps), disable=not progress, desc="transformer"):
+        idx = torch.randint(0, z0.shape[0], (batch_size,), generator=gen)
+        x0, c = z0[idx], embeds[idx].clone()
+        drop = torch.rand(batch_size, generator=gen) < text_dropout
+        c[drop] = empty[0]
+        t = shift_time(torch.sigmoid(torch.randn(batch_size, generator=gen)), shift)
+        eps = torch.randn(x0.shape, generator=gen)
+        tb = t.view(-1, 1, 1, 1, 1)
+        zt = (1 - tb) * x0 + tb * eps
+        pred = transformer(hidden_states=zt, timestep=1000.0 * t, encoder_hidden_states=c, return_dict=False)[0]
+        loss = F.mse_loss(pred, eps - x0)
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr * max(scale, 0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+    transformer.eval().requires_grad_(False)
+    return losses
+
+
+def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
+    """Build and train the whole toy teacher on the TRAIN split; returns it and training metrics."""
+    tc = cfg.teacher
+    train_specs, _ = toy.split(cfg.data.seed, cfg.data.heldout_fraction)
+    teacher = build(cfg, seed=tc.seed)
+    vae_losses = train_vae(teacher.vae, cfg, train_specs, tc.vae_steps, tc.vae_batch_size, tc.vae_lr, tc.seed,
+                           progress)
+    pool = max(8 * len(train_specs), 2 * tc.batch_size)
+    z_raw, pool_specs = encode_pool(teacher.vae, cfg, train_specs, pool, tc.seed)
+    set_latent_stats(teacher.vae, z_raw)
+    mean = torch.tensor(teacher.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(teacher.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    z0 = (z_raw - mean) / std
+    pipe = teacher.pipeline()
+    embeds = encode_prompts(pipe, toy.prompts(pool_specs), cfg.model.max_text_len)
+    empty = encode_prompts(pipe, [""], cfg.model.max_text_len)
+    fm_losses = train_transformer(teacher.transformer, z0, embeds, empty, tc.steps, tc.batch_size, tc.lr,
+                                  tc.text_dropout, cfg.model.flow_shift, tc.seed, progress)
+    tail = lambda xs: float(np.mean(xs[-max(1, len(xs) // 10):])) if xs else float("nan")  # noqa: E731
+    return teacher, {"vae_loss_final": tail(vae_losses), "fm_loss_final": tail(fm_losses),
+                     "latent_pool": int(pool)}
+
+
+def save(teacher: ToyTeacher, path: str | Path) -> Path:
+    """Save a complete WanPipeline directory atomically (``WanPipeline.from_pretrained(path)`` loads it offline)."""
+    with atomic_dir(path) as tmp:
+        teacher.pipeline().save_pretrained(str(tmp), safe_serialization=True)
+    return Path(path)
