@@ -76,10 +76,10 @@ def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) 
 
 
 def load_teacher_pipeline(root: Path):
-    """The teacher as a ``WanPipeline`` (the toy teacher is saved exactly like Wan2.1, DESIGN §4)."""
-    from diffusers import WanPipeline
+    """The teacher as a ``WanPipeline`` (the toy teacher is saved exactly like Wan2.1, DESIGN §4), offline."""
+    from anyflow.models.teacher import load_teacher
 
-    return WanPipeline.from_pretrained(str(root))
+    return load_teacher(root)
 
 
 def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path):
