@@ -51,3 +51,24 @@ def tiny_release(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return cfg, root, out
+
+
+# [A] toy teacher: a MINIMAL toy teacher trained through the real code path (anyflow.models.toy_teacher.train, few
+# steps; ~30-60 s on 2 cores) and saved as a WanPipeline directory. Session-scoped; reuse it wherever a test needs a
+# *trained* teacher dir (load with anyflow.models.teacher.load_teacher). Returns (cfg, path). Its VAE keeps colour
+# and position (tests/test_teacher.py); its transformer is barely trained (do not test semantics with it).
+@pytest.fixture(scope="session")
+def toy_teacher_dir(tmp_path_factory):
+    from anyflow.config import build
+    from anyflow.models import toy_teacher
+
+    cfg = build({"teacher": {"vae_steps": 80, "vae_batch_size": 4, "vae_lr": 3e-3, "steps": 40, "batch_size": 8},
+                 "synthesize": {"num_samples": 6, "samples_per_shard": 2, "batch_size": 2, "steps": 4}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        teacher, _ = toy_teacher.train(cfg, progress=False)
+        path = toy_teacher.save(teacher, tmp_path_factory.mktemp("toy_teacher") / "teacher")
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, path
