@@ -118,21 +118,16 @@ def run(cfg: Config, out_dir: Path | None = None, progress: bool = True, evaluat
 
 
 def main(cfg: Config, args) -> int:
-    import torch
-
-    from anyflow.utils.io import write_json
+    from anyflow.utils.io import atomic_dir, write_json
 
     paths = StagePaths.of(cfg)
     t0 = time.time()
     if cfg.model.source == "local":
         metrics = verify_local(cfg)
-        from anyflow.utils.io import atomic_dir, write_json as wj
-
         with atomic_dir(paths.teacher) as tmp:
-            wj(tmp / "teacher.json", metrics)
+            write_json(tmp / "teacher.json", metrics)
         metrics["seconds"] = time.time() - t0
     else:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         metrics = run(cfg, paths.teacher)
     write_json(paths.metric("teacher"), metrics)
     log.info("teacher: %s", metrics)
