@@ -1,0 +1,1 @@
+"""Evaluation: toy ground-truth scorers, VBench-style quality dimensions, fidelity measures and the gate policy."""
