@@ -1,0 +1,68 @@
+"""Real VBench on exported mp4s (GPU hosts with the ``vbench`` package and its weights staged locally).
+
+Layout fed to ``VBench.evaluate(..., mode="custom_input")``: one flat directory of ``<prompt>-<i>.mp4`` files;
+VBench's custom-input mode recovers the prompt from the file stem with a trailing ``-<digits>`` removed
+(``vbench.utils.get_prompt_from_filename``). VBench's per-dimension results (``{dim: [mean, per_video]}``) are
+aggregated by :func:`anyflow.eval.vbench_like.aggregate`, the same code as the offline scorer. Nothing is
+downloaded and no score is ever invented: without the package or the weights this raises with one clear line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from anyflow.eval import vbench_like
+
+
+class VBenchUnavailable(RuntimeError):
+    """The vbench package or its locally staged weights are missing."""
+
+
+def video_filename(prompt: str, index: int) -> str:
+    """``<prompt>-<index>.mp4`` (VBench custom_input strips the ``-<index>`` suffix to get the prompt)."""
+    if "/" in prompt:
+        raise ValueError(f"prompt {prompt!r}: '/' cannot appear in a VBench custom_input file name")
+    return f"{prompt}-{index}.mp4"
+
+
+def write_custom_input(videos: Sequence[np.ndarray], prompts: Sequence[str], out_dir: str | Path, fps: int = 8
+                       ) -> list[Path]:
+    """Write uint8 (F, H, W, 3) clips as mp4 (imageio-ffmpeg) in the custom_input layout; returns the paths."""
+    import imageio.v2 as imageio
+
+    if len(videos) != len(prompts):
+        raise ValueError(f"videos ({len(videos)}) and prompts ({len(prompts)}) differ in length")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    paths = []
+    for v, p in zip(videos, prompts):
+        i = counts.get(p, 0)
+        counts[p] = i + 1
+        path = out / video_filename(p, i)
+        imageio.mimwrite(path, list(np.asarray(v, np.uint8)), fps=fps, macro_block_size=1)
+        paths.append(path)
+    return paths
+
+
+def check_available(weights_dir: str | Path | None) -> None:
+    """Raise :class:`VBenchUnavailable` with one line unless ``vbench`` imports and ``weights_dir`` exists."""
+    if importlib.util.find_spec("vbench") is None:
+        raise VBenchUnavailable("real VBench unavailable: the 'vbench' package is not installed (offline "
+                                "VBench-style scores in anyflow.eval.vbench_like are used instead)")
+    if not weights_dir or not Path(weights_dir).is_dir():
+        raise VBenchUnavailable(f"real VBench unavailable: weights dir {weights_dir!r} not found (stage VBench's "
+                                "pretrained models locally; nothing is downloaded)")
+
+
+def aggregate_results(results: Mapping[str, object]) -> dict:
+    """VBench results ``{dim_with_underscores: [mean, per_video] | mean}`` → :func:`vbench_like.aggregate`."""
+    scores = {}
+    for dim, val in results.items():
+        mean = val[0] if isinstance(val, (list, tuple)) else val
+        scores[dim.replace("_", " ")] = float(mean)
+    return vbench_like.aggregate(scores)
