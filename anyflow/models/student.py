@@ -1,0 +1,162 @@
+"""The any-step student: diffusers' ``AnyFlowTransformer3DModel`` built from the teacher + peft LoRA adapters.
+
+DESIGN §2. The student is *not* a fork of diffusers' model code:
+
+* :func:`student_from_teacher` instantiates ``AnyFlowTransformer3DModel`` with the teacher's
+  ``WanTransformer3DModel`` config and loads the teacher's weights. The only parameters the teacher lacks are
+  ``condition_embedder.delta_embedder.*`` (the embedding of the second time r); they start as a copy of
+  ``time_embedder`` (``delta_init: copy``), so with ``e = (1 − g)·emb(t) + g·emb'(r)`` the student at r = t *is*
+  the teacher, or as zeros (``delta_init: zero``, the paper's Fig. 7 ablation).
+* :func:`add_lora` adds a named peft LoRA adapter (diffusers ``PeftAdapterMixin.add_adapter``); the base weights
+  stay frozen, only ``lora_*`` parameters of the active adapter train.
+* :func:`student_velocity` is the one place that converts our conventions (Wan layout (B, C, F, H, W), times in
+  [0, 1] of shape (B,)) to the diffusers call (layout (B, F, C, H, W), per-frame timesteps ``1000·t`` of shape
+  (B, F)).
+
+Adapters are saved as safetensors of the peft state dict without adapter names (``get_peft_model_state_dict``),
+so a file trained as ``student`` loads into any adapter name (stage 2 loads it as ``student``, export merges it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from anyflow.config import Student
+from anyflow.utils.io import atomic_path
+
+NUM_TRAIN_TIMESTEPS = 1000.0
+STUDENT = "student"
+
+
+def student_from_teacher(teacher, scfg: Student):
+    """``AnyFlowTransformer3DModel`` with the teacher's config and weights; ``delta_embedder`` ← ``time_embedder``
+    (or zeros). Frozen (``requires_grad=False``), eval mode."""
+    from diffusers import AnyFlowTransformer3DModel
+
+    if scfg.architecture != "bidirectional":
+        raise ValueError(f"student.architecture: {scfg.architecture!r} is not built by student_from_teacher "
+                         "(only 'bidirectional' is implemented)")
+    accepted = set(inspect.signature(AnyFlowTransformer3DModel.__init__).parameters) - {"self", "gate_value"}
+    config = {k: v for k, v in teacher.config.items() if k in accepted and not k.startswith("_")}
+    dropped = {k for k in teacher.config if not k.startswith("_") and k not in accepted}
+    ignorable = {"added_kv_proj_dim", "qk_norm", "pos_embed_seq_len"}
+    bad = {k for k in dropped - ignorable if teacher.config[k] not in (None, "rms_norm_across_heads")}
+    if bad:
+        raise ValueError(f"teacher transformer config keys not supported by AnyFlowTransformer3DModel: {sorted(bad)}")
+    model = AnyFlowTransformer3DModel(**config, gate_value=scfg.gate_value)
+    missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith("condition_embedder.delta_embedder.")]
+    if new or unexpected:
+        raise ValueError(f"teacher → student weights do not line up: missing {new[:3]}, unexpected {unexpected[:3]}")
+    emb = model.condition_embedder
+    if scfg.delta_init == "copy":
+        emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())
+    else:
+        with torch.no_grad():
+            for p in emb.delta_embedder.parameters():
+                p.zero_()
+    dtype = next(teacher.parameters()).dtype
+    if dtype != torch.float32:
+        model.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def add_lora(model, scfg: Student, name: str = STUDENT) -> None:
+    """Add a peft LoRA adapter ``name`` (rank/alpha/targets from ``student.lora_*``), LoRA B zero-initialised so
+    the adapter starts as the identity. Only this adapter's ``lora_*`` parameters require grad afterwards."""
+    from peft import LoraConfig
+
+    names = {n for n, _ in model.named_modules()}
+    for target in scfg.lora_targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ValueError(f"student.lora_targets: {target!r} matches no module of the student")
+    model.add_adapter(LoraConfig(r=scfg.lora_rank, lora_alpha=scfg.lora_alpha, target_modules=list(scfg.lora_targets),
+                                 init_lora_weights=True), adapter_name=name)
+    model.set_adapter(name)
+    set_trainable(model, name)
+
+
+def adapter_parameters(model, name: str = STUDENT) -> dict[str, torch.nn.Parameter]:
+    """The LoRA parameters of adapter ``name`` (``...lora_A.<name>.weight`` etc.), by full name."""
+    tag = f".{name}."
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
+
+
+def set_trainable(model, name: Optional[str]) -> None:
+    """requires_grad only on adapter ``name``'s LoRA weights (None: nothing trains)."""
+    tag = f".{name}." if name else None
+    for n, p in model.named_parameters():
+        p.requires_grad_(bool(tag) and "lora_" in n and tag in n)
+
+
+def student_velocity(model, z_BCFHW: torch.Tensor, t_B: torch.Tensor, r_B: torch.Tensor,
+                     prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """``u(z_t, t, r)`` in our conventions: z (B, C, F, H, W), t and r in [0, 1] of shape (B,) (already shifted);
+    returns (B, C, F, H, W). Calls diffusers with (B, F, C, H, W) and per-frame timesteps ``1000·t`` (B, F)."""
+    b, _, f = z_BCFHW.shape[:3]
+    if t_B.shape != (b,) or r_B.shape != (b,):
+        raise ValueError(f"student_velocity: t and r must have shape ({b},), got {tuple(t_B.shape)} / "
+                         f"{tuple(r_B.shape)}")
+    ts = (NUM_TRAIN_TIMESTEPS * t_B).to(z_BCFHW.dtype)[:, None].expand(b, f)
+    rs = (NUM_TRAIN_TIMESTEPS * r_B).to(z_BCFHW.dtype)[:, None].expand(b, f)
+    out = model(hidden_states=z_BCFHW.permute(0, 2, 1, 3, 4), timestep=ts, r_timestep=rs,
+                encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    return out.permute(0, 2, 1, 3, 4)
+
+
+def adapter_state(model, name: str = STUDENT) -> dict[str, torch.Tensor]:
+    """peft state dict of adapter ``name`` without adapter names (the saved format)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+
+
+def save_adapter(model, path: str | Path, name: str = STUDENT, state: Optional[dict] = None,
+                 metadata: Optional[dict] = None) -> Path:
+    """Write adapter ``name`` (or an explicit ``state`` in the same format, e.g. EMA weights) atomically."""
+    from safetensors.torch import save_file
+
+    state = adapter_state(model, name) if state is None else {k: v.detach().cpu().contiguous()
+                                                              for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
+
+
+def load_adapter(model, path: str | Path, name: str = STUDENT) -> None:
+    """Load a saved adapter file into adapter ``name``; every key must match (a config mismatch names the file)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: adapter not found (run the stage that writes it)")
+    state = load_file(str(path))
+    expected = set(adapter_state(model, name))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter keys do not match student.lora_* (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    set_peft_model_state_dict(model, state, adapter_name=name)
+
+
+def state_to_peft_keys(model, state: dict[str, torch.Tensor], name: str = STUDENT) -> dict[str, torch.Tensor]:
+    """Map a {full parameter name: tensor} dict of adapter ``name`` (as trainers keep EMA weights) to the saved
+    peft format."""
+    tag = f".{name}"
+    return {k.replace(tag, ""): v for k, v in state.items()}
+
+
+def load_student(teacher_transformer, scfg: Student, adapter_path: Optional[str | Path] = None,
+                 name: str = STUDENT):
+    """Student with adapter ``name`` loaded from ``adapter_path`` (fresh LoRA when None), eval mode, frozen."""
+    model = student_from_teacher(teacher_transformer, scfg)
+    add_lora(model, scfg, name)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path, name)
+    set_trainable(model, None)
+    return model.eval()
