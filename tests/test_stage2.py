@@ -123,7 +123,7 @@ def test_resume_is_exact(tiny_wan, tmp_path):
 
 
 def test_gaussian_frechet_closed_forms():
-    from anyflow.stages.stage2 import gaussian_frechet, latent_features
+    from anyflow.eval.latent_stats import gaussian_frechet, latent_features
 
     g = torch.Generator().manual_seed(8)
     a = torch.randn(4000, 3, generator=g, dtype=torch.float64)

@@ -64,10 +64,14 @@ class Times:
     kind: torch.Tensor  # (B,) KIND_*
 
 
-def sample_times(batch_size: int, shift: float, split: Sequence[float], generator: torch.Generator,
-                 paradigm: str = "flowmap", global_offset: int = 0, global_batch: Optional[int] = None) -> Times:
-    """(t, r) for one (local) batch whose samples have global indices ``global_offset + i``."""
-    a, b = torch.rand(batch_size, generator=generator), torch.rand(batch_size, generator=generator)
+def sample_times(batch_size: int, shift: float, split: Sequence[float], generator: Optional[torch.Generator],
+                 paradigm: str = "flowmap", global_offset: int = 0, global_batch: Optional[int] = None,
+                 uniforms: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Times:
+    """(t, r) for one (local) batch whose samples have global indices ``global_offset + i`` (from ``generator``, or
+    from two given (B,) uniform draws)."""
+    if uniforms is None:
+        uniforms = torch.rand(batch_size, generator=generator), torch.rand(batch_size, generator=generator)
+    a, b = uniforms
     s_t, s_r = torch.maximum(a, b), torch.minimum(a, b)
     if paradigm == "consistency":
         kind = torch.full((batch_size,), KIND_CONSISTENCY, dtype=torch.long)
@@ -141,17 +145,40 @@ class Stage1Out:
     parts: dict = field(default_factory=dict)
 
 
-def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, s1,
-                 paradigm: str, shift: float, generator: torch.Generator, global_offset: int = 0,
-                 global_batch: Optional[int] = None) -> Stage1Out:
-    """The stage-1 loss of velocity ``u`` on clean latents ``x0`` with text ``text``; ``s1`` is ``cfg.stage1``."""
+def draw(x0: torch.Tensor, generator: Optional[torch.Generator], sample_seeds: Optional[Sequence[int]] = None):
+    """The per-step randomness: two uniforms for (t, r), one for text dropout, the noise ε. With ``sample_seeds``
+    every sample draws from its own seed, so a sample's draws do not depend on which rank or batch holds it (a
+    2-rank DDP step then equals the 1-process step on the global batch)."""
     b = x0.shape[0]
-    times = sample_times(b, shift, s1.time_split, generator, paradigm, global_offset, global_batch)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    if sample_seeds is None:
+        ua, ub = torch.rand(b, generator=generator), torch.rand(b, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return ua, ub, torch.rand(b, generator=generator), eps
+    if len(sample_seeds) != b:
+        raise ValueError(f"sample_seeds: {len(sample_seeds)} seeds for a batch of {b}")
+    rows = []
+    for seed in sample_seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        rows.append((torch.rand(3, generator=g), torch.randn(x0.shape[1:], generator=g, dtype=x0.dtype)))
+    u3 = torch.stack([r[0] for r in rows])
+    return u3[:, 0], u3[:, 1], u3[:, 2], torch.stack([r[1] for r in rows])
+
+
+def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, s1,
+                 paradigm: str, shift: float, generator: Optional[torch.Generator], global_offset: int = 0,
+                 global_batch: Optional[int] = None, sample_seeds: Optional[Sequence[int]] = None,
+                 u_nograd: Optional[TextVelocityFn] = None) -> Stage1Out:
+    """The stage-1 loss of velocity ``u`` on clean latents ``x0`` with text ``text``; ``s1`` is ``cfg.stage1``.
+    ``u_nograd`` (default ``u``) serves the no-grad evaluations (dF/dt, the unconditional branch) — under DDP the
+    unwrapped module, so only the graded call goes through the wrapper."""
+    b = x0.shape[0]
+    u_ng = u_nograd or u
+    ua, ub, udrop, eps = draw(x0, generator, sample_seeds)
+    times = sample_times(b, shift, s1.time_split, None, paradigm, global_offset, global_batch, uniforms=(ua, ub))
     t, r = times.t.to(x0.dtype), times.r.to(x0.dtype)
     z = (1.0 - _b(t, x0)) * x0 + _b(t, x0) * eps
     v = eps - x0
-    drop = torch.rand(b, generator=generator) < s1.text_dropout
+    drop = udrop < s1.text_dropout
     neg = negative.to(text.dtype).expand(b, -1, -1)
     text = torch.where(_b(drop, text).bool(), neg, text)
     w = torch.where(drop, torch.ones(b), torch.full((b,), float(s1.guidance_scale))).to(x0.dtype)
@@ -161,7 +188,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     if bool(moving.any()):
         idx = moving.nonzero().squeeze(1)
         zm, tm, rm, vm, cm = z[idx], t[idx], r[idx], v[idx], text[idx]
-        dfdt = total_derivative(lambda zz, tt: u(zz, tt, rm, cm), zm, tm, vm, s1.derivative, s1.fd_eps)
+        dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm), zm, tm, vm, s1.derivative, s1.fd_eps)
         target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), vm, tm, rm)
 
     pred_c = u(z, t, r, text)
@@ -170,7 +197,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         with torch.no_grad():
             u_unc = torch.zeros_like(pred_c)
             gi = guided.nonzero().squeeze(1)
-            u_unc[gi] = u(z[gi], t[gi], r[gi], neg[gi])
+            u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi])
         pred = fuse_guidance(pred_c, u_unc, w)
     else:
         pred = pred_c

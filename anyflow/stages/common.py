@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from anyflow.config import Config
 
@@ -51,3 +52,14 @@ class StagePaths:
 
     def ckpt(self, stage: str) -> Path:
         return self.checkpoints / stage
+
+
+def teacher_transformer(cfg: Config, paths: Optional[StagePaths] = None):
+    """The teacher's ``WanTransformer3DModel`` (toy: ``artifacts/teacher``; local: ``model.pretrained_dir``)."""
+    from diffusers import WanTransformer3DModel
+
+    paths = paths or StagePaths.of(cfg)
+    root = Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher
+    if not (root / "transformer").is_dir():
+        raise FileNotFoundError(f"{root / 'transformer'}: teacher transformer not found (run `anyflow teacher`)")
+    return WanTransformer3DModel.from_pretrained(root, subfolder="transformer").eval()

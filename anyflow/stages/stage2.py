@@ -25,7 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths
+from anyflow.eval.latent_stats import distribution_metrics
+from anyflow.stages.common import StagePaths, teacher_transformer
 from anyflow.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -48,78 +49,16 @@ class Stage2Outputs:
     loss_csv: Path
 
 
-# --------------------------------------------------------------------------------------------- distribution metrics
-def gaussian_frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets (rows are samples):
-    ``‖μa − μb‖² + Tr(Σa + Σb − 2·(Σa^½ Σb Σa^½)^½)``, in float64 with symmetric eigendecompositions."""
-    import torch
-
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    sa, sb = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    ev, evec = torch.linalg.eigh(sa)
-    sa_half = evec @ torch.diag(ev.clamp_min(0).sqrt()) @ evec.T
-    inner = torch.linalg.eigvalsh(sa_half @ sb @ sa_half).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + torch.trace(sa) + torch.trace(sb) - 2 * inner)
-
-
-def latent_features(x_BCFHW: torch.Tensor) -> torch.Tensor:
-    """Per-sample statistics (B, 3C): per-channel mean, std and mean |x_{f+1} − x_f| over (F, H, W)."""
-    import torch
-
-    flat = x_BCFHW.flatten(2)
-    feats = [flat.mean(-1), flat.std(-1)]
-    if x_BCFHW.shape[2] > 1:
-        feats.append((x_BCFHW[:, :, 1:] - x_BCFHW[:, :, :-1]).abs().flatten(2).mean(-1))
-    return torch.cat(feats, dim=1)
-
-
-def channel_vectors(x_BCFHW: torch.Tensor) -> torch.Tensor:
-    """Per-position channel vectors (B·F·H·W, C)."""
-    return x_BCFHW.movedim(1, -1).reshape(-1, x_BCFHW.shape[1])
-
-
-def distribution_metrics(samples: torch.Tensor, teacher_all: torch.Tensor, teacher_paired: torch.Tensor) -> dict:
-    return {
-        "latent_fd": gaussian_frechet(latent_features(samples), latent_features(teacher_all)),
-        "channel_fd": gaussian_frechet(channel_vectors(samples), channel_vectors(teacher_all)),
-        "paired_mse": float((samples - teacher_paired).square().mean()),
-    }
-
-
 # --------------------------------------------------------------------------------------------- model assembly
-def teacher_transformer(cfg: Config, paths: StagePaths):
-    """The teacher's ``WanTransformer3DModel`` (toy: ``artifacts/teacher``; local: ``model.pretrained_dir``)."""
-    from diffusers import WanTransformer3DModel
-
-    root = Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher
-    if not (root / "transformer").is_dir():
-        raise FileNotFoundError(f"{root / 'transformer'}: teacher transformer not found (run `anyflow teacher`)")
-    return WanTransformer3DModel.from_pretrained(root, subfolder="transformer").eval()
-
-
-def load_adapter_weights(model, path: Path, adapter: str) -> None:
-    """Load a saved adapter file (peft state dict without adapter names) into the named adapter."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: adapter not found (run the stage that writes it)")
-    result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=adapter)
-    unexpected = getattr(result, "unexpected_keys", []) or []
-    if unexpected:
-        raise ValueError(f"{path}: keys not in adapter {adapter!r}: {unexpected[:3]} ...")
-
-
 def build_model(cfg: Config, teacher, stage1_adapter: Path):
     """One base AnyFlow model: adapter ``student`` ← stage-1 EMA weights, adapter ``fake_score`` (fresh LoRA,
     i.e. the teacher at init); adapters disabled = the teacher."""
-    from anyflow.models.student import add_lora, student_from_teacher
+    from anyflow.models.student import add_lora, load_adapter, student_from_teacher
     from anyflow.train.stage2 import FAKE, STUDENT
 
     model = student_from_teacher(teacher, cfg.student)
     add_lora(model, cfg.student, STUDENT)
-    load_adapter_weights(model, stage1_adapter, STUDENT)
+    load_adapter(model, stage1_adapter, STUDENT)
     add_lora(model, cfg.student, FAKE)
     return model
 

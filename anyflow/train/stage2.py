@@ -22,8 +22,6 @@ flow-map step ``z_r = z_t − (t − r)·u``; latents are in Wan layout (B, C, F
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
@@ -33,10 +31,11 @@ from typing import Callable, Optional
 
 import torch
 
-from anyflow.config import Config, Optim
+from anyflow.config import Config
 from anyflow.objectives.dmd import fake_score_loss, generator_dmd_loss, guided_velocity, logit_normal_time, renoise_time
 from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
-from anyflow.utils.io import atomic_path
+from anyflow.train.common import Ema, load_checkpoint, make_optimizer, save_checkpoint
+from anyflow.train.common import write_loss_csv as _write_csv
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,9 @@ TEACHER = None  # adapters disabled
 # --------------------------------------------------------------------------------------------- adapters on one base
 def adapter_params(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
     """The LoRA parameters of one named adapter (``...lora_A.<adapter>.weight`` etc.)."""
-    tag = f".{adapter}."
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
+    from anyflow.models.student import adapter_parameters
+
+    return adapter_parameters(model, adapter)
 
 
 def use_adapter(model: torch.nn.Module, adapter: Optional[str], trainable: Optional[str]) -> None:
@@ -63,9 +63,9 @@ def use_adapter(model: torch.nn.Module, adapter: Optional[str], trainable: Optio
     else:
         model.enable_adapters()
         model.set_adapter(adapter)
-    tag = f".{trainable}." if trainable else None
-    for n, p in model.named_parameters():
-        p.requires_grad_(bool(tag) and "lora_" in n and tag in n)
+    from anyflow.models.student import set_trainable
+
+    set_trainable(model, trainable)
 
 
 def velocity(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable: Optional[str]) -> VelocityFn:
@@ -142,35 +142,6 @@ def fake_loss(model, cfg: Config, batch, generator: torch.Generator) -> tuple[to
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     loss = fake_score_loss(score(model, FAKE, cond, FAKE), x_hat, eps, t)
     return loss, {"fake": float(loss.detach())}
-
-
-# --------------------------------------------------------------------------------------------- optimisation state
-def make_optimizer(params: list[torch.nn.Parameter], o: Optim):
-    """AdamW + linear warm-up (LambdaLR)."""
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    warm = max(o.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    return opt, sched
-
-
-class Ema:
-    """``θ_ema ← d·θ_ema + (1 − d)·θ`` over a named parameter dict (d = 0 keeps the latest weights)."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in params.items()}
-
-    @torch.no_grad()
-    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
-        for n, p in params.items():
-            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.decay = sd["decay"]
-        self.shadow = {n: v.clone() for n, v in sd["shadow"].items()}
 
 
 @dataclass
@@ -267,18 +238,12 @@ class Stage2Trainer:
     def save_checkpoint(self) -> None:
         if self.ckpt_path is None:
             return
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        with atomic_path(self.ckpt_path) as tmp:
-            tmp.write_bytes(buf.getvalue())
+        save_checkpoint(self.ckpt_path, self.state_dict())
 
     def maybe_resume(self) -> bool:
-        if self.ckpt_path is None or not self.ckpt_path.exists():
+        sd = load_checkpoint(self.ckpt_path) if self.ckpt_path is not None else None
+        if sd is None:
             return False
-        try:
-            sd = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 — name the file
-            raise RuntimeError(f"{self.ckpt_path}: unreadable checkpoint ({err}); delete it to start over") from None
         self.load_state_dict(sd)
         log.info("resumed stage 2 from %s at step %d", self.ckpt_path, self.state.step)
         return True
@@ -317,11 +282,5 @@ class Stage2Trainer:
 
 def write_loss_csv(path: Path, history: list[dict]) -> None:
     """plots/stage2_loss.csv: one row per generator step."""
-    cols = ["step", "loss", "dmd", "stage1", "fake", "dmd_grad", "grad_norm", "num_steps", "k", "seconds"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow({c: row.get(c, "") for c in cols})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    _write_csv(path, history, ["step", "loss", "dmd", "stage1", "fake", "dmd_grad", "grad_norm", "num_steps", "k",
+                               "seconds"])

@@ -1,0 +1,88 @@
+"""Optimisation pieces shared by the trainers: AdamW + warm-up, EMA of adapter weights, per-step RNG, atomic
+checkpoints and loss CSVs (DVC plots)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from anyflow.config import Optim
+from anyflow.utils.io import atomic_path
+
+
+def make_optimizer(params: list[torch.nn.Parameter], o: Optim):
+    """AdamW + linear warm-up (LambdaLR)."""
+    if not params:
+        raise ValueError("optimizer: no trainable parameters (is the LoRA adapter attached and active?)")
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    warm = max(o.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+class Ema:
+    """``θ_ema ← d·θ_ema + (1 − d)·θ`` over a named parameter dict (d = 0 keeps the latest weights)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.decay = sd["decay"]
+        self.shadow = {n: v.clone() for n, v in sd["shadow"].items()}
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """A generator determined by ``key`` (e.g. (seed, step)): a resumed run redraws exactly what an uninterrupted
+    one draws, with no RNG state to checkpoint, and every rank can draw the same global batch."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 — name the file
+        raise RuntimeError(f"{path}: unreadable checkpoint ({err}); delete it to start over") from None
+
+
+def copy_params_(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], what: str) -> None:
+    differ = set(params) ^ set(saved)
+    if differ:
+        raise ValueError(f"checkpoint: {what} parameters differ from the model's ({sorted(differ)[:3]} ...)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+
+def write_loss_csv(path: Path, history: list[dict], cols: Sequence[str]) -> None:
+    """One row per step (a DVC plot)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(cols), extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({c: row.get(c, "") for c in cols})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
