@@ -44,15 +44,12 @@ def tiny_config(root: Path):
 def write_tiny_artifacts(root: Path, seed: int = 0):
     """``<root>/artifacts/teacher`` (WanPipeline dir) and ``<root>/artifacts/stage1/ema_adapter.safetensors``
     (a random, non-zero LoRA so the merge is not vacuous). Returns the config."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    from anyflow.stages.export import ADAPTER, _student_api
+    from anyflow.models.student import add_lora, save_adapter, student_from_teacher
+    from anyflow.stages.export import ADAPTER
 
     cfg = tiny_config(root)
     pipe = tiny_teacher_pipeline(seed)
     pipe.save_pretrained(str(root / "artifacts" / "teacher"))
-    add_lora, student_from_teacher = _student_api()
     model = student_from_teacher(pipe.transformer, cfg.student)
     add_lora(model, cfg.student, ADAPTER)
     g = torch.Generator().manual_seed(seed + 1)
@@ -60,8 +57,5 @@ def write_tiny_artifacts(root: Path, seed: int = 0):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER).items()}
-    out = root / "artifacts" / "stage1" / "ema_adapter.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out))
+    save_adapter(model, root / "artifacts" / "stage1" / "ema_adapter.safetensors", ADAPTER)
     return cfg

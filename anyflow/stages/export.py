@@ -84,58 +84,12 @@ def load_teacher_pipeline(root: Path):
 
 def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path):
     """``AnyFlowTransformer3DModel`` from the teacher (delta_embedder = copy of time_embedder) + adapter
-    ``student`` loaded from ``adapter_path`` (a peft state dict without adapter names)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    ``student`` loaded from ``adapter_path`` (a peft state dict without adapter names; keys must match)."""
+    from anyflow.models.student import load_student
 
-    add_lora, student_from_teacher = _student_api()
-    model = student_from_teacher(teacher_transformer, cfg.student).eval()
-    add_lora(model, cfg.student, ADAPTER)
-    state = load_file(str(adapter_path))
-    expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER))
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"{adapter_path}: adapter keys do not match student.lora_* config "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+    model = load_student(teacher_transformer, cfg.student, adapter_path, ADAPTER)
     model.set_adapter(ADAPTER)
     return model
-
-
-def _student_api():
-    """``anyflow.models.student``'s (add_lora, student_from_teacher); a minimal stand-in until that module exists
-    (same contract: AnyFlow model with the teacher's weights, delta_embedder ← time_embedder; peft LoRA on
-    ``student.lora_targets``)."""
-    try:
-        from anyflow.models.student import add_lora, student_from_teacher
-
-        return add_lora, student_from_teacher
-    except ModuleNotFoundError as err:
-        if err.name != "anyflow.models.student":
-            raise
-
-    def student_from_teacher(teacher, scfg):
-        import inspect
-
-        from diffusers import AnyFlowTransformer3DModel
-
-        keys = set(inspect.signature(AnyFlowTransformer3DModel.__init__).parameters) - {"self", "gate_value"}
-        kwargs = {k: v for k, v in teacher.config.items() if k in keys and not k.startswith("_")}
-        model = AnyFlowTransformer3DModel(**kwargs, gate_value=scfg.gate_value)
-        missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("condition_embedder.delta_embedder.") for k in missing):
-            raise ValueError(f"teacher → student weight mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        emb = model.condition_embedder
-        emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())
-        return model
-
-    def add_lora(model, scfg, name):
-        from peft import LoraConfig
-
-        model.add_adapter(LoraConfig(r=scfg.lora_rank, lora_alpha=scfg.lora_alpha,
-                                     target_modules=list(scfg.lora_targets)), adapter_name=name)
-
-    return add_lora, student_from_teacher
 
 
 def merge_adapter(model, adapter: str = ADAPTER):
