@@ -11,6 +11,7 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "simulation": ("simulation", "flow-map vs consistency backward simulation cost at N = 4, 16 (paper Table 4)"),
+    "derivative": ("derivative", "stage-1 step cost: dF/dt by central difference vs exact JVP"),
     "latency": ("latency", "per-video latency: 1/2/4/8-step student on ONNX Runtime vs torch, teacher 50x2 NFE"),
 }
 
