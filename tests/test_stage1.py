@@ -145,6 +145,8 @@ def test_two_rank_ddp_step_equals_one_process(tmp_path):
     single.train(2, progress=False)
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    # torchrun, as documented for CPU ranks (`accelerate launch --cpu` starts one process unless MPI is set up);
+    # the trainer's Accelerator picks the gloo process group up from torchrun's environment
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", str(TESTS / "ddp_stage1_worker.py"), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
