@@ -16,8 +16,10 @@ $(BIN)/anyflow: pyproject.toml
 install: $(BIN)/anyflow
 
 # Runs the whole toy pipeline through DVC (embedded default: no GPU, no downloads).
+# The stage commands (`anyflow <stage>`) resolve through the venv's bin, first on PATH.
 demo: install
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
 
 test: install
 	$(BIN)/pytest -q -ra
