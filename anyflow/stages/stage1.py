@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="override stage1.max_steps")
     p.add_argument("--eval-samples", type=int, default=64, help="samples per student and N for the evaluation")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--paradigm", choices=("flowmap", "consistency"), default=None,
+                   help="override student.paradigm; 'consistency' trains the baseline into artifacts/"
+                        "stage1_consistency (metrics/stage1_consistency.json) for the gate's comparison")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -90,10 +93,16 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
     return out
 
 
+def output_name(paradigm: str) -> str:
+    """``stage1`` for the any-step student, ``stage1_consistency`` for the consistency baseline."""
+    return "stage1" if paradigm == "flowmap" else f"stage1_{paradigm}"
+
+
 def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fresh: bool = False,
         progress: bool = True, stop_after: Optional[int] = None) -> Stage1Outputs:
     """Train (resuming from the checkpoint unless ``fresh``), save adapters, evaluate. ``stop_after`` stops after
-    that many steps without writing outputs, as a crash would (for tests)."""
+    that many steps without writing outputs, as a crash would (for tests). Outputs are named by
+    :func:`output_name` of ``cfg.student.paradigm``."""
     import torch
 
     from anyflow.data.shards import Batch, ShardSet
@@ -120,11 +129,12 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
         return Batch(latents=data.latents[idx], noise=data.noise[idx], prompt_embeds=data.prompt_embeds[idx],
                      prompts=[data.prompts[int(i)] for i in idx], index=idx)
 
-    ckpt_dir = paths.ckpt("stage1")
+    name = output_name(cfg.student.paradigm)
+    ckpt_dir = paths.ckpt(name)
     if fresh and (ckpt_dir / "last.pt").exists():
         (ckpt_dir / "last.pt").unlink()
     trainer = FlowMapTrainer(model, cfg, data_fn, negative, s1.optim, ckpt_dir, s1.ckpt_every, s1.seed,
-                             log_every=s1.log_every, desc="stage1")
+                             log_every=s1.log_every, desc=name)
     resumed = trainer.maybe_resume()
     steps = max_steps if max_steps is not None else s1.max_steps
     t_train = time.perf_counter()
@@ -136,7 +146,7 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     if not trainer.acc.is_main_process:
         return Stage1Outputs(None, None, None, trainer.state.step)
 
-    out_dir = paths.stage1
+    out_dir = paths.root / name
     adapter_path, ema_path = out_dir / "adapter.safetensors", out_dir / "ema_adapter.safetensors"
     meta = {"steps": trainer.state.step, "paradigm": cfg.student.paradigm, "lora_rank": cfg.student.lora_rank}
     ema = trainer.ema_state()
@@ -148,7 +158,7 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     eval_seconds = time.perf_counter() - t_eval
     hist = trainer.state.history
     tail = hist[-max(1, len(hist) // 10):]
-    write_loss_csv(paths.plots / "stage1_loss.csv", hist, LOSS_COLUMNS)
+    write_loss_csv(paths.plots / f"{name}_loss.csv", hist, LOSS_COLUMNS)
     metrics = {
         "steps": trainer.state.step,
         "resumed": resumed,
@@ -164,12 +174,16 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
                              "student. paired_mse vs the teacher's 50-step CFG sample of the same noise; latent_fd / "
                              "channel_fd: Fréchet distances of latent statistics. Lower is better.",
     }
-    metrics_path = write_json(paths.metric("stage1"), metrics)
+    metrics_path = write_json(paths.metric(name), metrics)
     trainer.clear_checkpoint()  # finished: a later run starts from the outputs, not a stale checkpoint
     return Stage1Outputs(adapter_path, ema_path, metrics_path, trainer.state.step)
 
 
 def main(cfg: Config, args) -> int:
+    if args.paradigm:
+        from dataclasses import replace
+
+        cfg = replace(cfg, student=replace(cfg.student, paradigm=args.paradigm))
     out = run(cfg, max_steps=args.max_steps, eval_samples=args.eval_samples, fresh=args.fresh,
               progress=not args.no_progress)
     if out.metrics is None:
