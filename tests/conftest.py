@@ -13,8 +13,7 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 rope_max_seq_len=64)
 
 
-@pytest.fixture
-def tiny_wan():
+def make_tiny_wan():
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -23,6 +22,11 @@ def tiny_wan():
     with torch.no_grad():
         model.proj_out.weight.normal_(0, 0.05)
     return model
+
+
+@pytest.fixture
+def tiny_wan():
+    return make_tiny_wan()
 
 
 # One Prefect API for the whole session (it takes ~20 s to start): flow and deployment tests share it.

@@ -7,7 +7,7 @@ import torch
 
 from anyflow.config import Config, Optim, Stage1, Student
 from anyflow.data.shards import Batch
-from conftest import TINY_WAN
+from conftest import make_tiny_wan
 
 STUDENT_CFG = Student(lora_rank=4, lora_alpha=4.0)
 CFG = replace(Config(), student=STUDENT_CFG,
@@ -16,13 +16,7 @@ CFG = replace(Config(), student=STUDENT_CFG,
 
 
 def tiny_teacher():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**TINY_WAN).eval()
-    with torch.no_grad():
-        model.proj_out.weight.normal_(0, 0.05)
-    return model
+    return make_tiny_wan()
 
 
 def dataset(n: int = 16) -> Batch:
