@@ -113,6 +113,9 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     s1 = cfg.stage1
     paths = StagePaths.of(cfg)
     t_start = time.perf_counter()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # the toy model is too small for intra-op threads to pay (measured: 1 thread is
+        #                           faster and steadier than 2 on the 2-core CI machine); scale out with ranks
     teacher = teacher_transformer(cfg, paths)
     model = student_from_teacher(teacher, cfg.student)
     add_lora(model, cfg.student, STUDENT)
