@@ -93,16 +93,18 @@ class Teacher:
     """``anyflow teacher``: train the toy VAE and transformer (toy) or verify a local Wan2.1 directory."""
 
     seed: int = 0
-    vae_steps: int = 200
-    vae_lr: float = 2e-3
-    vae_batch_size: int = 8
-    steps: int = 1000
+    vae_image_steps: int = 500  # phase 1: single frames (cheap; learns colour/position)
+    vae_image_batch_size: int = 16
+    vae_steps: int = 60  # phase 2: whole clips at 0.3·vae_lr (learns the temporal taps)
+    vae_lr: float = 3e-3
+    vae_batch_size: int = 4
+    steps: int = 1800  # measured: 1000 → 2000 steps took held-out direction 0.25 → 0.67
     lr: float = 1e-3
     batch_size: int = 16
     text_dropout: float = 0.1
-    eval_prompts: int = 16
+    eval_prompts: int = 24  # held-out combinations, each twice (different noise)
     eval_steps: int = 50
-    guidance_scale: float = 5.0
+    guidance_scale: float = 3.0  # measured on the 2000-step teacher: CFG 3 beats 5 on held-out colour (0.58 vs 0.46)
 
 
 @section

@@ -66,7 +66,8 @@ def toy_teacher_dir(tmp_path_factory):
     from anyflow.config import build
     from anyflow.models import toy_teacher
 
-    cfg = build({"teacher": {"vae_steps": 80, "vae_batch_size": 4, "vae_lr": 3e-3, "steps": 40, "batch_size": 8},
+    cfg = build({"teacher": {"vae_image_steps": 300, "vae_image_batch_size": 16, "vae_steps": 0, "vae_batch_size": 2,
+                             "vae_lr": 3e-3, "steps": 40, "batch_size": 8},
                  "synthesize": {"num_samples": 6, "samples_per_shard": 2, "batch_size": 2, "steps": 4}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -2,18 +2,23 @@
 ``WanTransformer3DModel``, trained on the toy shapes domain and saved as a complete ``WanPipeline`` directory.
 
 Training (DESIGN §4):
-1. VAE on reconstruction, ``L = mean|x̂ − x| + mean(x̂ − x)² + β·KL`` on random toy clips.
+1. VAE on reconstruction, ``L = mean(w·(|x̂ − x| + (x̂ − x)²)) + β·KL`` (foreground-weighted, posterior mean,
+   unclamped decoder output). The VAE starts as a per-frame image autoencoder (:func:`per_frame_init`), is trained
+   on single frames (cheap, learns colour and position), then fine-tuned on whole clips (temporal taps).
 2. ``latents_mean`` / ``latents_std`` := per-channel statistics of the training latents, so the transformer
    sees ~unit-variance latents (``WanPipeline`` un-normalises with them before decoding).
 3. Transformer by flow matching (t = 1 noise): ``z_t = (1 − t)·x0 + t·ε``, target ``v = ε − x0``,
    ``t = shift(σ(n))``, n ~ N(0, 1) (shifted logit-normal), prompt replaced by the empty-prompt embedding with
-   probability ``text_dropout`` so classifier-free guidance works. The text encoder stays random and frozen.
+   probability ``text_dropout`` so classifier-free guidance works. The text encoder stays random and frozen: a
+   linear probe on its mean-pooled embeddings of the 36 training prompts classifies colour, shape and direction of
+   all 12 held-out prompts correctly, so its words are already separable.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +60,7 @@ def build(cfg: Config, seed: int = 0) -> ToyTeacher:
     vae = AutoencoderKLWan(base_dim=m.vae_base_dim, z_dim=m.vae_z_dim, dim_mult=[1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True], attn_scales=[],
                            latents_mean=[0.0] * m.vae_z_dim, latents_std=[1.0] * m.vae_z_dim)
+    per_frame_init(vae)
     tokenizer = ByT5Tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=m.text_d_model, d_kv=m.text_d_model
                                                // m.text_heads, d_ff=2 * m.text_d_model,
@@ -76,34 +82,86 @@ def _clips(specs, n, rng, cfg: Config) -> tuple[torch.Tensor, list]:
     return toy.to_model_space(frames), chosen
 
 
-def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, seed: int,
-              progress: bool = True, kl_weight: float = 1e-6, fg_weight: float = 10.0) -> list[float]:
-    """Reconstruction training; returns the loss curve.
+def per_frame_init(vae) -> None:
+    """Make a fresh Wan VAE a per-frame image autoencoder at initialisation.
 
-    ``L = mean(w·(|x̂ − x| + (x̂ − x)²)) + β·KL`` with ``w = 1 + fg_weight`` on foreground pixels (those differing
-    from the toy background): the shapes cover ~8 % of the frame, so an unweighted loss first learns a blank clip.
+    Every causal 3-D conv with a temporal kernel of 3 keeps only its current-frame tap (earlier taps zeroed); the
+    encoder's temporal-downsampling ``time_conv`` passes its newest frame through and the decoder's temporal-upsampling
+    ``time_conv`` copies the current latent frame into both output frames. Image-mode training (F = 1) then trains
+    exactly the network that later sees video, so the cheap image steps transfer; the zeroed taps still receive
+    gradients in the video phase and learn the temporal part.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    with torch.no_grad():
+        time_convs = set()
+        for mod in vae.modules():
+            if isinstance(mod, WanResample) and hasattr(mod, "time_conv"):
+                tc = mod.time_conv
+                time_convs.add(id(tc))
+                tc.weight.zero_()
+                tc.bias.zero_()
+                eye = torch.eye(mod.dim)
+                tc.weight[: mod.dim, :, -1, 0, 0] = eye
+                if tc.weight.shape[0] == 2 * mod.dim:  # upsample3d: two output frames per latent frame
+                    tc.weight[mod.dim:, :, -1, 0, 0] = eye
+        for mod in vae.modules():
+            if isinstance(mod, WanCausalConv3d) and id(mod) not in time_convs and mod.weight.shape[2] > 1:
+                mod.weight[:, :, :-1].zero_()
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKLWan._decode`` without its final clamp to [−1, 1] (training only: the clamp has zero gradient
+    wherever the output overshoots, e.g. just below the dark background at −0.8, which stalls learning)."""
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    outs = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                first_chunk=(i == 0)))
+    vae.clear_cache()
+    return torch.cat(outs, 2)
+
+
+def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, seed: int,
+              progress: bool = True, image_steps: int = 0, image_batch_size: int = 16, kl_weight: float = 1e-6,
+              fg_weight: float = 10.0) -> list[float]:
+    """Reconstruction training; returns the loss curve (image phase, then video phase).
+
+    Phase 1 (``image_steps``): single random frames (F = 1) of toy clips; phase 2 (``steps``): whole clips.
+    ``L = mean(w·(|x̂ − x| + (x̂ − x)²)) + β·KL`` on the posterior mean (no sampling noise: with β ≈ 0 the noise
+    only slows learning) with ``w = 1 + fg_weight`` on foreground pixels (those differing from the toy
+    background): the shapes cover ~8 % of the frame, so an unweighted loss first learns a blank clip.
+    Measured on 2 CPU cores: an image step at batch 16 costs about a video step at batch 4, and image training
+    learns colour and position in a few hundred steps where video-only training had not after 300.
     """
     bg = toy.to_model_space(np.array(toy.BACKGROUND, np.uint8).reshape(1, 1, 1, 3))
     rng = np.random.default_rng([seed, 1])
-    gen = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     losses = []
-    for step in tqdm(range(steps), disable=not progress, desc="vae"):
-        x, _ = _clips(specs, batch_size, rng, cfg)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z, return_dict=False)[0]
-        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        w = 1.0 + fg_weight * ((x - bg).abs().sum(1, keepdim=True) > 0.05).float()
-        loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() + kl_weight * kl
-        for g in opt.param_groups:  # cosine decay
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(loss))
+    # the video phase fine-tunes what the image phase learnt: a lower peak lr keeps the per-frame colour/position
+    phases = [("vae/image", image_steps, image_batch_size, True, lr), ("vae/video", steps, batch_size, False,
+                                                                      0.3 * lr)]
+    for desc, n, bs, image, peak in phases:
+        for step in tqdm(range(n), disable=not progress or n == 0, desc=desc):
+            x, _ = _clips(specs, bs, rng, cfg)
+            if image:  # one random frame per clip
+                x = x[:, :, int(rng.integers(0, x.shape[2])):][:, :, :1]
+            post = vae.encode(x).latent_dist
+            rec = decode_unclamped(vae, post.mean)
+            kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+            w = 1.0 + fg_weight * ((x - bg).abs().sum(1, keepdim=True) > 0.05).float()
+            loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() + kl_weight * kl
+            warm = min(1.0, (step + 1) / 20)
+            for g in opt.param_groups:  # warm-up + cosine decay per phase
+                g["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * step / max(n, 1)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
     vae.eval().requires_grad_(False)
     return losses
 
@@ -154,7 +212,7 @@ def train_transformer(transformer, z0: torch.Tensor, embeds: torch.Tensor, empty
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     transformer.eval().requires_grad_(False)
     return losses
 
@@ -164,9 +222,11 @@ def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
     tc = cfg.teacher
     train_specs, _ = toy.split(cfg.data.seed, cfg.data.heldout_fraction)
     teacher = build(cfg, seed=tc.seed)
+    t0 = time.time()
     vae_losses = train_vae(teacher.vae, cfg, train_specs, tc.vae_steps, tc.vae_batch_size, tc.vae_lr, tc.seed,
-                           progress)
-    pool = max(8 * len(train_specs), 2 * tc.batch_size)
+                           progress, image_steps=tc.vae_image_steps, image_batch_size=tc.vae_image_batch_size)
+    vae_seconds = time.time() - t0
+    pool = max(16 * len(train_specs), 2 * tc.batch_size)  # 16 clips per training prompt (encode is cheap)
     z_raw, pool_specs = encode_pool(teacher.vae, cfg, train_specs, pool, tc.seed)
     set_latent_stats(teacher.vae, z_raw)
     mean = torch.tensor(teacher.vae.config.latents_mean).view(1, -1, 1, 1, 1)
@@ -175,11 +235,13 @@ def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
     pipe = teacher.pipeline()
     embeds = encode_prompts(pipe, toy.prompts(pool_specs), cfg.model.max_text_len)
     empty = encode_prompts(pipe, [""], cfg.model.max_text_len)
+    t0 = time.time()
     fm_losses = train_transformer(teacher.transformer, z0, embeds, empty, tc.steps, tc.batch_size, tc.lr,
                                   tc.text_dropout, cfg.model.flow_shift, tc.seed, progress)
+    fm_seconds = time.time() - t0
     tail = lambda xs: float(np.mean(xs[-max(1, len(xs) // 10):])) if xs else float("nan")  # noqa: E731
     return teacher, {"vae_loss_final": tail(vae_losses), "fm_loss_final": tail(fm_losses),
-                     "latent_pool": int(pool)}
+                     "latent_pool": int(pool), "vae_seconds": vae_seconds, "fm_seconds": fm_seconds}
 
 
 def save(teacher: ToyTeacher, path: str | Path) -> Path:
