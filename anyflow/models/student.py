@@ -127,6 +127,17 @@ def save_adapter(model, path: str | Path, name: str = STUDENT, state: Optional[d
     return Path(path)
 
 
+def adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata saved with an adapter file (``steps``, ``paradigm``, ``lora_rank`` …); {} if none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: adapter not found (run the stage that writes it)")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_adapter(model, path: str | Path, name: str = STUDENT) -> None:
     """Load a saved adapter file into adapter ``name``; every key must match (a config mismatch names the file)."""
     from peft import set_peft_model_state_dict

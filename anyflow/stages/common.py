@@ -8,6 +8,8 @@ from typing import Optional
 
 from anyflow.config import Config
 
+ADAPTER_FILE = "ema_adapter.safetensors"  # what gate and export read from a training stage
+
 
 @dataclass(frozen=True)
 class StagePaths:
@@ -63,3 +65,29 @@ def teacher_transformer(cfg: Config, paths: Optional[StagePaths] = None):
     if not (root / "transformer").is_dir():
         raise FileNotFoundError(f"{root / 'transformer'}: teacher transformer not found (run `anyflow teacher`)")
     return WanTransformer3DModel.from_pretrained(root, subfolder="transformer").eval()
+
+
+def resolve_adapter(paths: StagePaths, choice: str) -> Path:
+    """A student adapter file: ``auto`` → the stage-2 EMA adapter if it exists, else stage 1's; ``stage2``,
+    ``stage1`` or ``stage1_consistency`` → that stage's EMA adapter; anything else is a path."""
+    options = {"stage2": paths.stage2 / ADAPTER_FILE, "stage1": paths.stage1 / ADAPTER_FILE,
+               "stage1_consistency": paths.root / "stage1_consistency" / ADAPTER_FILE}
+    if choice == "auto":
+        for key in ("stage2", "stage1"):
+            if options[key].is_file():
+                return options[key]
+        raise FileNotFoundError(f"{options['stage2']} / {options['stage1']}: no student adapter (run stage1)")
+    path = options.get(choice, Path(choice))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: student adapter not found ({choice!r})")
+    return path
+
+
+def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) -> Path:
+    """The teacher ``WanPipeline`` directory: ``override``, the local Wan2.1 dir, or the toy teacher's."""
+    root = Path(override) if override else (
+        Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root}/model_index.json: teacher WanPipeline directory not found "
+                                f"(run `anyflow teacher`)")
+    return root

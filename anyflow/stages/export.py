@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths
+from anyflow.stages.common import ADAPTER_FILE, StagePaths, resolve_adapter, teacher_dir
 from anyflow.utils.io import write_json
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ADAPTER = "student"
-ADAPTER_FILE = "ema_adapter.safetensors"
 PROBE_PROMPTS = ("a red circle moving left", "a blue square moving up")
 
 
@@ -52,29 +51,6 @@ class ExportOutputs:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def resolve_adapter(paths: StagePaths, choice: str) -> Path:
-    """``auto`` → stage-2 EMA adapter if it exists, else stage-1; ``stage1``/``stage2`` → that one; else a path."""
-    options = {"stage2": paths.stage2 / ADAPTER_FILE, "stage1": paths.stage1 / ADAPTER_FILE}
-    if choice == "auto":
-        for key in ("stage2", "stage1"):
-            if options[key].is_file():
-                return options[key]
-        raise FileNotFoundError(f"{options['stage2']} / {options['stage1']}: no student adapter (run stage1)")
-    path = options.get(choice, Path(choice))
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: student adapter not found (--adapter {choice})")
-    return path
-
-
-def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) -> Path:
-    root = Path(override) if override else (
-        Path(cfg.model.pretrained_dir) if cfg.model.source == "local" else paths.teacher)
-    if not (root / "model_index.json").is_file():
-        raise FileNotFoundError(f"{root}/model_index.json: teacher WanPipeline directory not found "
-                                f"(run `anyflow teacher`)")
-    return root
-
-
 def load_teacher_pipeline(root: Path):
     """The teacher as a ``WanPipeline`` (the toy teacher is saved exactly like Wan2.1, DESIGN §4), offline."""
     from anyflow.models.teacher import load_teacher

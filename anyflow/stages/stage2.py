@@ -203,12 +203,13 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     out_dir = paths.stage2
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter_path, ema_path = out_dir / "adapter.safetensors", out_dir / "ema_adapter.safetensors"
-    save_adapter(model, adapter_path, STUDENT)
+    meta = {"steps": trainer.state.step, "paradigm": "flowmap", "lora_rank": cfg.student.lora_rank}
+    save_adapter(model, adapter_path, STUDENT, metadata=meta)
     final_state = {n: p.detach().clone() for n, p in trainer.student.items()}
     with torch.no_grad():
         for n, p in trainer.student.items():
             p.copy_(trainer.ema.shadow[n])
-    save_adapter(model, ema_path, STUDENT)
+    save_adapter(model, ema_path, STUDENT, metadata=meta)
     for n, p in trainer.student.items():
         p.data.copy_(final_state[n])
 

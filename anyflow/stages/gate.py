@@ -1,0 +1,210 @@
+"""``anyflow gate``: quality of a student across step budgets against the teacher (DESIGN §5), DVC stage ``gate``.
+
+On a fixed held-out prompt set (``gate.num_prompts`` prompts cycled over the domain's held-out split, each with
+``gate.seeds_per_prompt`` noises drawn from ``gate.seed``) it samples
+
+* the teacher: ``gate.teacher_steps`` Euler steps with CFG ``gate.teacher_guidance_scale`` (2 NFE per step);
+* the candidate student at every NFE in ``gate.nfes`` (one call per step, guidance fused), with the sampler of its
+  paradigm (read from the adapter file's metadata; ``--paradigm`` overrides);
+* optionally baselines (``--compare``, e.g. the consistency student: the paper's Fig. 1 in one command),
+
+decodes every sample with the teacher's VAE and scores the pixels (:mod:`anyflow.eval.vbench_like`: VBench-style
+quality and semantic dimensions → Quality / Semantic / Total) and the latents (:mod:`anyflow.eval.fidelity`:
+RMS distance to the teacher's sample from the same noise, Fréchet distance in a fixed feature space). The policy
+(:mod:`anyflow.eval.gate`, ``gate.policy``) is applied to the candidate only.
+
+Outputs (``--out NAME``, default ``gate``; the directory is swapped in atomically, metrics are written before the
+exit code): ``artifacts/<NAME>/{report.json, summary.md, steps.png, previews/grid.{gif,mp4,png}}``,
+``metrics/<NAME>.json`` (``passed``, ``failed``, Totals) and ``plots/<NAME>_steps.csv``. Exit 1 names the failed
+criteria; nothing is promoted from a failed gate (export copies the verdict into the release manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from anyflow.config import Config
+from anyflow.stages.common import StagePaths, resolve_adapter, teacher_dir
+from anyflow.utils.io import atomic_dir, atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+BATCH = 16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidate", default="auto",
+                   help="student adapter: auto (stage2, else stage1), stage2, stage1, stage1_consistency or a path")
+    p.add_argument("--paradigm", choices=("flowmap", "consistency"), default=None,
+                   help="sampler of the candidate (default: the adapter's metadata, else student.paradigm)")
+    p.add_argument("--compare", action="append", default=[], metavar="ADAPTER",
+                   help="also evaluate this adapter (same choices as --candidate) as a baseline; repeatable")
+    p.add_argument("--out", default="gate", help="output name: artifacts/<out>, metrics/<out>.json (default gate)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def eval_set(cfg: Config):
+    """The fixed held-out specs (prompt i of ``num_prompts`` cycles the held-out split, ``seeds_per_prompt`` each)."""
+    from anyflow.data import toy
+
+    _, held = toy.split(cfg.data.seed, cfg.data.heldout_fraction)
+    g = cfg.gate
+    return [held[i % len(held)] for i in range(g.num_prompts) for _ in range(g.seeds_per_prompt)]
+
+
+def paradigm_of(adapter: Path, cfg: Config, override: Optional[str] = None) -> str:
+    from anyflow.models.student import adapter_metadata
+
+    p = override or adapter_metadata(adapter).get("paradigm") or cfg.student.paradigm
+    if p not in ("flowmap", "consistency"):
+        raise ValueError(f"{adapter}: metadata paradigm {p!r} is not flowmap | consistency")
+    return p
+
+
+def _batched(fn, n: int, progress, desc: str):
+    """torch.cat of ``fn(i, j)`` over batches [i, j) of ``n`` items."""
+    import torch
+
+    out = []
+    for i in range(0, n, BATCH):
+        out.append(fn(i, min(n, i + BATCH)))
+        progress.update(1)
+    progress.set_postfix_str(desc)
+    return torch.cat(out)
+
+
+def score(frames, specs, x, x_teacher, teacher_feats) -> dict:
+    """VBench-style dimensions + aggregation + fidelity for one set of samples."""
+    from anyflow.eval import fidelity, vbench_like
+
+    scored = vbench_like.score_videos(list(frames), specs)
+    agg = vbench_like.aggregate(scored["dimensions"])
+    fid = {"latent_distance": fidelity.latent_distance(x, x_teacher),
+           "frechet": fidelity.frechet_distance(fidelity.video_features(list(frames)), teacher_feats)}
+    return {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"],
+            "dimensions": scored["dimensions"], "normalized": agg["normalized"], "fidelity": fid}
+
+
+def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
+        out_name: str = "gate", progress: bool = True) -> dict:
+    """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from anyflow.data import toy
+    from anyflow.eval import fidelity, gate as policy
+    from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
+    from anyflow.models.student import load_student
+    from anyflow.models.teacher import (decode_latents, encode_prompts, latent_shape, load_teacher,
+                                        negative_embeds, teacher_ode_sample)
+    from anyflow.sampling import model_velocity, sample
+
+    t_start = time.perf_counter()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # as in training: the toy model is too small for intra-op threads to pay
+    g, shift = cfg.gate, cfg.model.flow_shift
+    paths = StagePaths.of(cfg)
+    adapters = {"student": resolve_adapter(paths, candidate)}
+    for c in compare:  # named by paradigm ("consistency") or, for another any-step student, by its directory
+        path = resolve_adapter(paths, c)
+        name = "consistency" if paradigm_of(path, cfg) == "consistency" else path.parent.name
+        adapters[name if name not in adapters else f"{name}_{len(adapters)}"] = path
+    paradigms = {name: paradigm_of(path, cfg, paradigm if name == "student" else None)
+                 for name, path in adapters.items()}
+
+    pipe = load_teacher(teacher_dir(cfg, paths))
+    specs = eval_set(cfg)
+    n = len(specs)
+    emb = encode_prompts(pipe, toy.prompts(specs), cfg.model.max_text_len)
+    neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
+    noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
+    batches = -(-n // BATCH)
+    bar = tqdm(total=batches * (2 + 2 * len(g.nfes) * len(adapters)), desc=out_name, disable=not progress)
+    decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
+
+    seconds: dict = {}
+    t0 = time.perf_counter()
+    x_teacher = _batched(lambda i, j: teacher_ode_sample(pipe.transformer, noise[i:j], emb[i:j], neg, g.teacher_steps,
+                                                         g.teacher_guidance_scale, shift), n, bar, "teacher")
+    seconds["teacher_sampling"] = time.perf_counter() - t0
+    frames_teacher = decode(x_teacher)
+    teacher_feats = fidelity.video_features(list(frames_teacher))
+    teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats)
+    teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale,
+                   nfe=g.teacher_steps * (1 if g.teacher_guidance_scale == 1 else 2))
+
+    previews = {f"teacher {teacher['nfe']}": frames_teacher[:g.num_previews]}
+    results: dict = {}
+    for name, path in adapters.items():
+        model = load_student(pipe.transformer, cfg.student, path)
+        by_nfe = {}
+        for nfe in g.nfes:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x = _batched(lambda i, j: sample(paradigms[name], model_velocity(model, emb[i:j]), noise[i:j], nfe,
+                                                 shift, torch.Generator().manual_seed(g.seed + 1000 * nfe + i)),
+                             n, bar, f"{name} N={nfe}")
+            sampling = time.perf_counter() - t0
+            frames = decode(x)
+            by_nfe[str(nfe)] = score(frames, specs, x, x_teacher, teacher_feats)
+            by_nfe[str(nfe)]["sampling_seconds"] = sampling
+            if name == "student":
+                previews[f"N={nfe}"] = frames[:g.num_previews]
+        results[name] = {"adapter": str(path), "paradigm": paradigms[name], "by_nfe": by_nfe}
+        del model
+    bar.close()
+
+    report = {"candidate": results.pop("student"), "teacher": teacher, "baselines": results,
+              "prompts": toy.prompts(specs), "num_samples": n, "seed": g.seed,
+              "policy": _policy_dict(g.policy)}
+    report["criteria"] = policy.check(report, g.policy)
+    report["failed"] = [c["name"] for c in report["criteria"] if not c["passed"]]
+    report["passed"] = not report["failed"]
+    seconds["total"] = time.perf_counter() - t_start
+    report["seconds"] = seconds
+
+    with atomic_dir(paths.root / out_name) as tmp:
+        write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "summary.md", summary_markdown(report))
+        write_step_plot(report, tmp / "steps.png")
+        write_previews(previews, tmp / "previews", fps=cfg.video.fps)
+    write_steps_csv(report, paths.plots / f"{out_name}_steps.csv")
+    write_json(paths.metric(out_name), metrics_of(report))
+    return report
+
+
+def _policy_dict(p) -> dict:
+    return {"total_tolerance": p.total_tolerance, "monotone_tolerance": p.monotone_tolerance,
+            "monotone_from_nfe": p.monotone_from_nfe, "semantic_floors": dict(p.semantic_floors)}
+
+
+def metrics_of(report: dict) -> dict:
+    """The compact DVC metrics: verdict, failed criteria, Totals per NFE, fidelity at 4 NFE, timings."""
+    def series(entry: dict) -> dict:
+        return {k: {n: r[k] for n, r in entry["by_nfe"].items()} for k in ("total", "semantic")} | {
+            "latent_distance": {n: r["fidelity"]["latent_distance"] for n, r in entry["by_nfe"].items()}}
+
+    t = report["teacher"]
+    return {"passed": report["passed"], "failed": report["failed"],
+            "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"]},
+            "candidate": {"paradigm": report["candidate"]["paradigm"], **series(report["candidate"])},
+            "baselines": {k: {"paradigm": v["paradigm"], **series(v)} for k, v in report["baselines"].items()},
+            "num_samples": report["num_samples"], "seconds": report["seconds"]}
+
+
+def main(cfg: Config, args) -> int:
+    report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress)
+    t = report["teacher"]
+    print(f"teacher {t['nfe']} NFE: Total {t['total']:.4f} (semantic {t['semantic']:.3f})")
+    for name, entry in [("student", report["candidate"]), *report["baselines"].items()]:
+        row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in entry["by_nfe"].items())
+        print(f"{name} ({entry['paradigm']}) Total by NFE  {row}")
+    if report["passed"]:
+        print(f"gate PASSED ({len(report['criteria'])} criteria)")
+        return 0
+    print("gate FAILED: " + ", ".join(report["failed"]))
+    return 1

@@ -1,0 +1,133 @@
+"""``anyflow gate`` end to end on a tiny trained teacher: the samples it compares are aligned (same noise, same
+schedule), the verdict and its named failures reach metrics/report before the exit code, and the outputs people
+look at (summary, plot, previews, DVC plot) hold what the report says."""
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from anyflow.config import GatePolicy
+from anyflow.eval.report import preview_grid, step_rows
+from anyflow.export.manifest import gate_summary
+from anyflow.utils.io import read_json
+
+NFES = (1, 4, 50)
+
+
+def _setup(root, cfg, teacher_path, paradigm="flowmap"):
+    """artifacts/teacher → the fixture teacher; artifacts/stage1/ema_adapter = the zero-LoRA student."""
+    from anyflow.models.student import load_student, save_adapter
+    from anyflow.models.teacher import load_teacher
+
+    art = root / "artifacts"
+    art.mkdir(exist_ok=True)
+    if not (art / "teacher").exists():
+        os.symlink(teacher_path, art / "teacher")
+    model = load_student(load_teacher(teacher_path).transformer, cfg.student)
+    out = art / ("stage1" if paradigm == "flowmap" else "stage1_consistency") / "ema_adapter.safetensors"
+    save_adapter(model, out, metadata={"paradigm": paradigm, "steps": 0})
+
+
+def _cfg(cfg, **policy):
+    pol = GatePolicy(**{"total_tolerance": 0.02, "monotone_tolerance": 0.01, "monotone_from_nfe": 2,
+                        "semantic_floors": {"color": 0.0}, **policy})
+    gate = replace(cfg.gate, nfes=NFES, teacher_steps=50, teacher_guidance_scale=1.0, num_prompts=2,
+                   seeds_per_prompt=2, num_previews=2, policy=pol)
+    return replace(cfg, gate=gate)
+
+
+@pytest.fixture(scope="module")
+def gate_run(toy_teacher_dir, tmp_path_factory):
+    """One failing gate run (impossible tolerance) with a consistency baseline, in a scratch working dir."""
+    from anyflow.stages import gate
+
+    cfg, teacher_path = toy_teacher_dir
+    root = tmp_path_factory.mktemp("gate")
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(root)
+    try:
+        _setup(root, cfg, teacher_path)
+        _setup(root, cfg, teacher_path, paradigm="consistency")
+        strict = _cfg(cfg, total_tolerance=-1.0)
+        args = type("A", (), dict(candidate="stage1", paradigm=None, compare=["stage1_consistency"], out="gate",
+                                  no_progress=True))
+        code = gate.main(strict, args)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root, cfg, teacher_path, code
+
+
+def test_samples_are_aligned_with_the_teacher(gate_run):
+    """Zero-LoRA student = the teacher's field used as a flow map (r enters only through the 0.25-gated copy), so
+    with an unguided 50-step teacher its N-step samples from the SAME noises approach the teacher's as N → 50."""
+    root, *_ = gate_run
+    report = read_json(root / "artifacts/gate/report.json")
+    d = {int(n): r["fidelity"]["latent_distance"] for n, r in report["candidate"]["by_nfe"].items()}
+    assert d[50] < d[4] < d[1]
+    assert d[50] < 0.2 * d[1], d
+    assert report["teacher"]["fidelity"]["latent_distance"] == 0.0
+    assert report["baselines"]["consistency"]["paradigm"] == "consistency"
+    # 2 prompts × 2 seeds, cycled over the held-out split
+    assert report["num_samples"] == 4 and report["prompts"][0] == report["prompts"][1]
+
+
+def test_failed_gate_names_criteria_in_every_output(gate_run):
+    root, *_ , code = gate_run
+    assert code == 1
+    metrics = read_json(root / "metrics/gate.json")
+    report = read_json(root / "artifacts/gate/report.json")
+    assert metrics["passed"] is False and report["passed"] is False
+    assert "total_at_4" in metrics["failed"] and metrics["failed"] == report["failed"]
+    at4 = report["candidate"]["by_nfe"]["4"]["total"]
+    crit = next(c for c in report["criteria"] if c["name"] == "total_at_4")
+    assert crit["threshold"] == pytest.approx(report["teacher"]["total"] + 1.0) and crit["value"] == at4
+    assert "`total_at_4`" in (root / "artifacts/gate/summary.md").read_text()
+    assert gate_summary([root / "artifacts/gate/report.json"])["passed"] is False  # export can't promote it
+    # the DVC plot: one row per NFE, a column per model, values equal to the report's
+    lines = (root / "plots/gate_steps.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), ln.split(","))) for ln in lines[1:]]
+    assert [int(r["nfe"]) for r in rows] == list(NFES)
+    assert {"student_total", "consistency_total", "teacher_total"} <= set(header)
+    for r in rows:
+        assert float(r["student_total"]) == pytest.approx(report["candidate"]["by_nfe"][r["nfe"]]["total"], 1e-5)
+        assert float(r["consistency_semantic"]) == pytest.approx(
+            report["baselines"]["consistency"]["by_nfe"][r["nfe"]]["semantic"], 1e-5)
+        assert float(r["teacher_total"]) == pytest.approx(report["teacher"]["total"], 1e-5)
+    assert [r["model"] for r in step_rows(report)].count("consistency") == len(NFES)
+    for name in ("steps.png", "previews/grid.png", "previews/grid.gif", "previews/grid.mp4"):
+        assert (root / "artifacts/gate" / name).stat().st_size > 0, name
+
+
+def test_passing_gate_replaces_the_failed_verdict(gate_run):
+    from anyflow.stages import gate
+
+    root, cfg, _, _ = gate_run
+    before = read_json(root / "metrics/gate.json")["candidate"]["total"]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        lenient = _cfg(cfg, total_tolerance=10.0, monotone_tolerance=10.0)
+        report = gate.run(lenient, candidate="stage1", progress=False)
+    finally:
+        os.chdir(cwd)
+    assert report["passed"] and read_json(root / "metrics/gate.json")["passed"] is True
+    assert read_json(root / "artifacts/gate/report.json")["baselines"] == {}
+    # same seeds, same candidate: the scores reproduce exactly run to run (only the verdict changed)
+    assert read_json(root / "metrics/gate.json")["candidate"]["total"] == before
+
+
+def test_preview_grid_places_each_clip():
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 255, (3, 4, 5, 6, 3), dtype=np.uint8) for _ in range(2))
+    g = preview_grid({"teacher": a, "N=1": b}, scale=2, gap=2)
+    assert g.shape == (4, 3 * 12 + 2, 2 * 14 + 2, 3)
+    # clip i of column j at rows 2 + i*12, cols 2 + j*14, nearest-neighbour upscaled ×2
+    np.testing.assert_array_equal(g[:, 2 + 12:2 + 12 + 10:2, 2 + 14:2 + 14 + 12:2], b[1])
+    np.testing.assert_array_equal(g[:, 2:12:2, 2:14:2], a[0])
+    assert (g[:, 0] == 255).all() and (g[:, :, 1] == 255).all()  # the gaps stay white
+    with pytest.raises(ValueError, match="differ in shape"):
+        preview_grid({"a": a, "b": b[:, :2]})
