@@ -33,3 +33,41 @@ def test_aggregate_results_matches_offline_aggregation():
 def test_unavailable_message(tmp_path):
     with pytest.raises(A.VBenchUnavailable, match="real VBench unavailable"):
         A.check_available(tmp_path / "missing")
+
+
+def test_run_vbench_feeds_custom_input_and_aggregates(tmp_path, monkeypatch):
+    """A stand-in ``vbench`` package with VBench's interface records the call and writes a results file in VBench's
+    format; run_vbench must call it in custom_input mode with local weights and aggregate what it wrote."""
+    pkg = tmp_path / "site" / "vbench"
+    pkg.mkdir(parents=True)
+    (pkg / "VBench_full_info.json").write_text("[]")
+    (pkg / "__init__.py").write_text(
+        "import json, os\n"
+        "CALLS = []\n"
+        "class VBench:\n"
+        "    def __init__(self, device, full_info_dir, output_path):\n"
+        "        self.out = output_path; CALLS.append(('init', device, os.path.basename(full_info_dir)))\n"
+        "    def evaluate(self, videos_path, name, dimension_list, local, mode):\n"
+        "        CALLS.append(('evaluate', sorted(os.listdir(videos_path)), dimension_list, local, mode))\n"
+        "        res = {d: [0.9, [{'video_path': 'x', 'video_results': 0.9}]] for d in dimension_list}\n"
+        "        json.dump(res, open(os.path.join(self.out, name + '_eval_results.json'), 'w'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path))  # weights dir exists
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "vbench", raising=False)
+    importlib.invalidate_caches()
+    specs = [toy.Spec("red", "circle", "left"), toy.Spec("blue", "square", "up")]
+    A.write_custom_input([toy.render(s, i)[0] for i, s in enumerate(specs)], [s.prompt for s in specs],
+                         tmp_path / "videos")
+    dims = ("temporal_flickering", "subject_consistency")
+    out = A.run_vbench(tmp_path / "videos", tmp_path / "results", "student_N4", dimensions=dims, device="cpu")
+    calls = sys.modules["vbench"].CALLS
+    assert calls[0] == ("init", "cpu", "VBench_full_info.json")
+    assert calls[1] == ("evaluate", ["a blue square moving up-0.mp4", "a red circle moving left-0.mp4"], list(dims),
+                        True, "custom_input")
+    assert out == V.aggregate({"temporal flickering": 0.9, "subject consistency": 0.9})
+    assert out["quality"] == pytest.approx(((0.9 - 0.6293) / (1 - 0.6293) + (0.9 - 0.1462) / (1 - 0.1462)) / 2)
+    with pytest.raises(ValueError, match=r"'color'\] are not available in custom_input mode"):
+        A.run_vbench(tmp_path / "videos", tmp_path / "r2", "x", dimensions=("color",), device="cpu")

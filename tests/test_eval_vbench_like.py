@@ -70,6 +70,9 @@ def test_aggregation_hand_computed_total():
     assert out["total"] == pytest.approx((4 * quality + semantic) / 5)
     with pytest.raises(KeyError, match="sharpness"):
         V.aggregate({"sharpness": 1.0})
+    # quality dimensions only (VBench custom_input): Semantic and Total are undefined, not invented
+    only_q = V.aggregate({k: v for k, v in scores.items() if k not in ("color", "shape", "direction")})
+    assert only_q["quality"] == pytest.approx(quality) and only_q["semantic"] is None and only_q["total"] is None
 
 
 def test_clean_renders_score_near_top():

@@ -10,12 +10,24 @@ downloaded and no score is ever invented: without the package or the weights thi
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from anyflow.eval import vbench_like
+
+
+# VBench's custom_input mode supports only these (the semantic dimensions need VBench's own prompt suite); of them
+# the weight-hungry ones need the pretrained models staged under VBENCH_CACHE_DIR (default ~/.cache/vbench).
+CUSTOM_INPUT_DIMENSIONS = ("subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
+                           "aesthetic_quality", "imaging_quality", "temporal_flickering")
+
+
+def weights_dir() -> Path:
+    """Where VBench (``local=True``) reads its pretrained models: ``$VBENCH_CACHE_DIR`` or ``~/.cache/vbench``."""
+    return Path(os.environ.get("VBENCH_CACHE_DIR", Path.home() / ".cache" / "vbench"))
 
 
 class VBenchUnavailable(RuntimeError):
@@ -66,3 +78,27 @@ def aggregate_results(results: Mapping[str, object]) -> dict:
         mean = val[0] if isinstance(val, (list, tuple)) else val
         scores[dim.replace("_", " ")] = float(mean)
     return vbench_like.aggregate(scores)
+
+
+def run_vbench(videos_dir: str | Path, out_dir: str | Path, name: str,
+               dimensions: Sequence[str] = CUSTOM_INPUT_DIMENSIONS, device: str = "cuda") -> dict:
+    """Real VBench on a custom_input directory (:func:`write_custom_input`), local weights only; returns
+    :func:`aggregate_results` of ``<out_dir>/<name>_eval_results.json`` (the file VBench writes)."""
+    import json
+
+    check_available(weights_dir())
+    bad = sorted(set(dimensions) - set(CUSTOM_INPUT_DIMENSIONS))
+    if bad:
+        raise ValueError(f"VBench dimensions {bad} are not available in custom_input mode "
+                         f"(available: {list(CUSTOM_INPUT_DIMENSIONS)})")
+    from vbench import VBench  # the real package; nothing here downloads
+
+    full_info = Path(importlib.util.find_spec("vbench").origin).parent / "VBench_full_info.json"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    VBench(device, str(full_info), str(out_dir)).evaluate(videos_path=str(videos_dir), name=name,
+                                                           dimension_list=list(dimensions), local=True,
+                                                           mode="custom_input")
+    results_path = Path(out_dir) / f"{name}_eval_results.json"
+    if not results_path.is_file():
+        raise RuntimeError(f"{results_path}: VBench finished without writing its results file")
+    return aggregate_results(json.loads(results_path.read_text()))

@@ -214,7 +214,8 @@ def aggregate(scores: Mapping[str, float]) -> dict:
     """VBench aggregation of raw dimension scores keyed by VBench names (or toy names, mapped via TOY_TO_VBENCH).
 
     n_d = (s_d − Min_d)/(Max_d − Min_d); Quality = Σ_{d∈Q} w_d n_d / Σ_{d∈Q} w_d; Semantic likewise over S;
-    Total = (4·Quality + 1·Semantic)/5. Returns {"normalized", "quality", "semantic", "total"}.
+    Total = (4·Quality + 1·Semantic)/5. Returns {"normalized", "quality", "semantic", "total"}; a group without
+    any dimension present is None and then so is Total (real VBench's custom_input mode has no semantic dimension).
     """
     named = {TOY_TO_VBENCH.get(k, k): float(v) for k, v in scores.items()}
     unknown = sorted(set(named) - set(NORMALIZE_DIC))
@@ -223,12 +224,16 @@ def aggregate(scores: Mapping[str, float]) -> dict:
     norm = {k: (v - NORMALIZE_DIC[k]["Min"]) / (NORMALIZE_DIC[k]["Max"] - NORMALIZE_DIC[k]["Min"])
             for k, v in named.items()}
 
-    def wmean(names: Sequence[str]) -> float:
+    def wmean(names: Sequence[str]) -> float | None:
         present = [k for k in names if k in norm]
         if not present:
-            raise ValueError(f"no dimension of {list(names)} present")
+            return None
         return sum(DIM_WEIGHT[k] * norm[k] for k in present) / sum(DIM_WEIGHT[k] for k in present)
 
     q, s = wmean(QUALITY_LIST), wmean(SEMANTIC_LIST)
-    total = (QUALITY_WEIGHT * q + SEMANTIC_WEIGHT * s) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT)
+    if q is None and s is None:
+        raise ValueError(f"no quality or semantic dimension among {sorted(named)}")
+    # a group with no dimension (VBench custom_input mode has no semantic ones) is None, and so is Total
+    total = None if q is None or s is None else (QUALITY_WEIGHT * q + SEMANTIC_WEIGHT * s) / (
+        QUALITY_WEIGHT + SEMANTIC_WEIGHT)
     return {"normalized": norm, "quality": q, "semantic": s, "total": total}

@@ -89,6 +89,17 @@ def score(frames, specs, x, x_teacher, teacher_feats) -> dict:
             "dimensions": scored["dimensions"], "normalized": agg["normalized"], "fidelity": fid}
 
 
+def real_vbench(frames, specs, root: Path, name: str, fps: int, device: str) -> dict:
+    """Real VBench (``gate.use_vbench``) on mp4s of these samples: ``<root>/<name>/videos`` (custom_input layout)
+    and VBench's results beside them; scores aggregated like the offline ones. Reported, not gated on."""
+    from anyflow.data import toy
+    from anyflow.eval.vbench_adapter import run_vbench, write_custom_input
+
+    videos = root / name / "videos"
+    write_custom_input(list(frames), toy.prompts(specs), videos, fps=fps)
+    return run_vbench(videos, root / name / "results", name, device=device)
+
+
 def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
         out_name: str = "gate", progress: bool = True) -> dict:
     """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``)."""
@@ -116,6 +127,10 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     paradigms = {name: paradigm_of(path, cfg, paradigm if name == "student" else None)
                  for name, path in adapters.items()}
 
+    if g.use_vbench:  # fail before an hour of sampling, not after
+        from anyflow.eval.vbench_adapter import check_available, weights_dir
+
+        check_available(weights_dir())
     pipe = load_teacher(teacher_dir(cfg, paths))
     specs = eval_set(cfg)
     n = len(specs)
@@ -152,6 +167,10 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
             frames = decode(x)
             by_nfe[str(nfe)] = score(frames, specs, x, x_teacher, teacher_feats)
             by_nfe[str(nfe)]["sampling_seconds"] = sampling
+            if g.use_vbench:
+                by_nfe[str(nfe)]["vbench"] = real_vbench(frames, specs, paths.root / f"{out_name}_vbench",
+                                                         f"{name}_N{nfe}", cfg.video.fps,
+                                                         "cuda" if torch.cuda.is_available() else "cpu")
             if name == "student":
                 previews[f"N={nfe}"] = frames[:g.num_previews]
         results[name] = {"adapter": str(path), "paradigm": paradigms[name], "by_nfe": by_nfe}
