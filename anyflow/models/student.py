@@ -37,9 +37,13 @@ def student_from_teacher(teacher, scfg: Student):
     (or zeros). Frozen (``requires_grad=False``), eval mode."""
     from diffusers import AnyFlowTransformer3DModel
 
+    if scfg.architecture == "far":  # causal AnyFlow-FAR: anyflow.models.far
+        from anyflow.models.far import far_from_teacher
+
+        return far_from_teacher(teacher, scfg)
     if scfg.architecture != "bidirectional":
         raise ValueError(f"student.architecture: {scfg.architecture!r} is not built by student_from_teacher "
-                         "(only 'bidirectional' is implemented)")
+                         "(only 'bidirectional' and 'far' are implemented)")
     accepted = set(inspect.signature(AnyFlowTransformer3DModel.__init__).parameters) - {"self", "gate_value"}
     config = {k: v for k, v in teacher.config.items() if k in accepted and not k.startswith("_")}
     dropped = {k for k in teacher.config if not k.startswith("_") and k not in accepted}
@@ -96,7 +100,12 @@ def set_trainable(model, name: Optional[str]) -> None:
 def student_velocity(model, z_BCFHW: torch.Tensor, t_B: torch.Tensor, r_B: torch.Tensor,
                      prompt_embeds: torch.Tensor) -> torch.Tensor:
     """``u(z_t, t, r)`` in our conventions: z (B, C, F, H, W), t and r in [0, 1] of shape (B,) (already shifted);
-    returns (B, C, F, H, W). Calls diffusers with (B, F, C, H, W) and per-frame timesteps ``1000·t`` (B, F)."""
+    returns (B, C, F, H, W). Calls diffusers with (B, F, C, H, W) and per-frame timesteps ``1000·t`` (B, F).
+    A FAR student goes to :func:`anyflow.models.far.far_velocity` (chunk-causal rollout, its chunk_partition)."""
+    if type(model).__name__ == "AnyFlowFARTransformer3DModel":
+        from anyflow.models.far import far_velocity
+
+        return far_velocity(model, z_BCFHW, t_B, r_B, prompt_embeds)
     b, _, f = z_BCFHW.shape[:3]
     if t_B.shape != (b,) or r_B.shape != (b,):
         raise ValueError(f"student_velocity: t and r must have shape ({b},), got {tuple(t_B.shape)} / "
