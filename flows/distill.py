@@ -1,4 +1,5 @@
-"""Distillation: synthesize → stage1 → stage2 → gate → export → promote (only on a passing gate).
+"""Distillation: synthesize → stage1 (+ consistency baseline) → stage2 → gate → export → promote (only on a
+passing gate).
 
 Every step is a DVC stage run by a thin task (``tasks/stages.py``); this file is only the order. Run locally::
 
@@ -32,6 +33,7 @@ def distill(repo: str = ".", num_shards: int = 1, train_teacher: bool = False, r
     else:
         run_stage("synthesize", repo, cmds)
     run_stage("stage1", repo, cmds)
+    run_stage("stage1_consistency", repo, cmds)  # the baseline the gate reports beside the candidate
     run_stage("stage2", repo, cmds)
     gate = run_gate(repo, cmds)
     if not gate["passed"]:

@@ -98,7 +98,7 @@ def test_failed_gate_names_criteria_in_every_output(gate_run):
             report["baselines"]["consistency"]["by_nfe"][r["nfe"]]["semantic"], 1e-5)
         assert float(r["teacher_total"]) == pytest.approx(report["teacher"]["total"], 1e-5)
     assert [r["model"] for r in step_rows(report)].count("consistency") == len(NFES)
-    for name in ("steps.png", "previews/grid.png", "previews/grid.gif", "previews/grid.mp4"):
+    for name in ("step_scaling.png", "previews/grid.png", "previews/grid.gif", "previews/grid.mp4"):
         assert (root / "artifacts/gate" / name).stat().st_size > 0, name
 
 

@@ -14,7 +14,7 @@ RMS distance to the teacher's sample from the same noise, Fréchet distance in a
 (:mod:`anyflow.eval.gate`, ``gate.policy``) is applied to the candidate only.
 
 Outputs (``--out NAME``, default ``gate``; the directory is swapped in atomically, metrics are written before the
-exit code): ``artifacts/<NAME>/{report.json, summary.md, steps.png, previews/grid.{gif,mp4,png}}``,
+exit code): ``artifacts/<NAME>/{report.json, summary.md, step_scaling.png, previews/grid.{gif,mp4,png}}``,
 ``metrics/<NAME>.json`` (``passed``, ``failed``, Totals) and ``plots/<NAME>_steps.csv``. Exit 1 names the failed
 criteria; nothing is promoted from a failed gate (export copies the verdict into the release manifest).
 """
@@ -189,7 +189,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     with atomic_dir(paths.root / out_name) as tmp:
         write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "summary.md", summary_markdown(report))
-        write_step_plot(report, tmp / "steps.png")
+        write_step_plot(report, tmp / "step_scaling.png")
         write_previews(previews, tmp / "previews", fps=cfg.video.fps)
     write_steps_csv(report, paths.plots / f"{out_name}_steps.csv")
     write_json(paths.metric(out_name), metrics_of(report))
