@@ -150,6 +150,14 @@ def test_gradients_flow_through_the_dense_processor_on_cpu(teacher):
 
     fd = (loss_at(1e-3) - loss_at(-1e-3)) / 2e-3
     assert abs(analytic) > 1e-3 and abs(fd - analytic) < 2e-2 * abs(analytic), (fd, analytic)
+    # forward-mode AD too (stage1.derivative: jvp) — dF/dt by jvp vs central difference, as for the bidirectional
+    from anyflow.objectives.flowmap import total_derivative
+
+    v = torch.randn_like(z)
+    u = lambda zz, tt: far_velocity(model, zz, tt, r, text)  # noqa: E731
+    exact = total_derivative(u, z, t, v, "jvp")
+    rel = float((total_derivative(u, z, t, v, "central", 1e-4) - exact).norm() / exact.norm())
+    assert float(exact.abs().max()) > 1e-2 and rel < 1e-2, rel
 
 
 def test_chunk_k_does_not_see_later_chunks(teacher):
@@ -196,6 +204,13 @@ def test_image_to_video_keeps_the_given_first_frame(teacher):
                                rtol=0, atol=1e-5)
     other = far_generate(model, noise, text, 2, 5.0, context=first + 1.0)
     assert float((other[:, :, 1:] - out[:, :, 1:]).abs().max()) > 1e-3  # the later chunks are conditioned on it
+    # the consistency baseline runs through the same chunk loop (x0-predict and re-noise per chunk)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    cons = far_generate(model, noise, text, 2, 5.0, context=first, paradigm="consistency", generator=g1)
+    assert torch.equal(cons[:, :, :1], first)
+    torch.testing.assert_close(cons, far_generate(model, noise, text, 2, 5.0, context=first, use_cache=False,
+                                                  paradigm="consistency", generator=g2), rtol=0, atol=1e-5)
+    assert float((cons - out).abs().max()) > 1e-3
     with pytest.raises(ValueError, match="chunk boundary"):
         far_generate(model, noise, text, 2, 5.0, context=torch.randn(2, 8, 2, 8, 8))
 
@@ -222,6 +237,12 @@ def test_stage1_objective_trains_the_far_adapter_and_adapter_round_trips(teacher
     with torch.no_grad():
         torch.testing.assert_close(student_velocity(other, z, t, 0.3 * t, text),
                                    student_velocity(model, z, t, 0.3 * t, text), rtol=0, atol=0)
+    model.fuse_lora(adapter_names=["student"])  # what export does: merged weights, same function
+    model.unload_lora()
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(student_velocity(model, z, t, 0.3 * t, text),
+                                   student_velocity(other, z, t, 0.3 * t, text), rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="full_chunk_limit"):
         far_velocity(student(teacher, FAR_COMPRESSED, lora=False), z, t, t, text)
     with pytest.raises(ValueError, match="one per chunk"):

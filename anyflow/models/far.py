@@ -259,15 +259,16 @@ def far_recompute_chunk(model, prompt_embeds, partition, prefix_BCFHW):
 @torch.no_grad()
 def far_generate(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_steps: int, shift: float,
                  chunk_partition: Optional[Sequence[int]] = None, context: Optional[torch.Tensor] = None,
-                 use_cache: bool = True) -> torch.Tensor:
-    """Chunk-by-chunk flow-map sampling (``AnyFlowFARPipeline``'s loop on latents): each chunk runs
-    :func:`anyflow.sampling.flowmap_sample` attending to the clean earlier chunks, then is written into the KV
-    cache (t = r = 0). ``context`` (B, C, Fc, H, W): given clean first frames (I2V: Fc = 1), Fc a chunk boundary;
+                 use_cache: bool = True, paradigm: str = "flowmap",
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Chunk-by-chunk any-step sampling (``AnyFlowFARPipeline``'s loop on latents): each chunk runs
+    :func:`anyflow.sampling.sample` (``paradigm``: flowmap = the pipeline's update; consistency = the baseline)
+    attending to the clean earlier chunks, then is written into the KV cache (t = r = 0). ``context`` (B, C, Fc, H, W): given clean first frames (I2V: Fc = 1), Fc a chunk boundary;
     those chunks are kept and only cached. ``use_cache=False``: each step recomputes the whole prefix
     (:func:`far_recompute_chunk`) — the reference. Returns (B, C, F, H, W)."""
     import copy
 
-    from anyflow.sampling import flowmap_sample
+    from anyflow.sampling import sample
 
     b, _, f, h, w = noise.shape
     partition = list(chunk_partition or model.config.chunk_partition)
@@ -291,7 +292,7 @@ def far_generate(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_st
         if k >= n_ctx:
             u = (_cached_velocity(model, prompt_embeds, partition[:k + 1], cache, flag) if use_cache else
                  far_recompute_chunk(model, prompt_embeds, partition[:k + 1], out[:, :, :lo]))
-            out[:, :, lo:hi] = flowmap_sample(u, noise[:, :, lo:hi], num_steps, shift)
+            out[:, :, lo:hi] = sample(paradigm, u, noise[:, :, lo:hi], num_steps, shift, generator)
         if use_cache and k < len(partition) - 1:  # cache step: write chunk 0..k's clean K/V
             prefix = out[:, :, :hi].permute(0, 2, 1, 3, 4)
             zeros = torch.zeros(b, hi, dtype=noise.dtype, device=noise.device)
