@@ -21,12 +21,13 @@ Not a fork of diffusers' model code; this module only adds what the project need
   its own ``mask_mod`` (``create_mask``). torch's CPU flex attention has no backward, so on CPU this is what
   trains. ``mode='auto'`` uses flex for masked calls on CUDA and plain (unmasked, unpadded) SDPA for the KV-cache
   read step everywhere: diffusers' flex read step pads keys with zeros *without* a mask, so the padded keys take
-  softmax mass (probed: a chunk's cached output then differs from full recomputation; see tests/test_far.py).
+  softmax mass (measured on the tiny test model: KV-cache generation with flex reads is 0.06 max-abs off full
+  recomputation, with these reads 2e-7; diffusers 0.42.1).
 * :func:`far_velocity` — ``u(z, t, r)`` in :mod:`anyflow.sampling`'s conventions, t/r per sample (B,) or per
   chunk (B, K); the training-rollout forward (chunk-causal mask, every chunk at its own time).
-* :func:`far_generate` / :func:`far_recompute_chunk` — chunk-by-chunk flow-map sampling with the model's KV cache
-  (the loop of diffusers' ``AnyFlowFARPipeline`` on latents and text embeddings) and its reference: one full
-  forward of [clean prefix, noisy chunk].
+* :func:`far_generate` / :func:`far_recompute_chunk` — chunk-by-chunk any-step sampling with the model's KV cache
+  (the loop of diffusers' ``AnyFlowFARPipeline`` on latents and text embeddings, each chunk through
+  :func:`anyflow.sampling.sample`) and its reference: one full forward of [clean prefix, noisy chunk] per step.
 """
 
 from __future__ import annotations
@@ -263,8 +264,9 @@ def far_generate(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_st
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Chunk-by-chunk any-step sampling (``AnyFlowFARPipeline``'s loop on latents): each chunk runs
     :func:`anyflow.sampling.sample` (``paradigm``: flowmap = the pipeline's update; consistency = the baseline)
-    attending to the clean earlier chunks, then is written into the KV cache (t = r = 0). ``context`` (B, C, Fc, H, W): given clean first frames (I2V: Fc = 1), Fc a chunk boundary;
-    those chunks are kept and only cached. ``use_cache=False``: each step recomputes the whole prefix
+    attending to the clean earlier chunks, then is written into the KV cache (t = r = 0). ``context``
+    (B, C, Fc, H, W): given clean first frames (I2V: Fc = 1), Fc a chunk boundary; those chunks are kept and only
+    cached. ``use_cache=False``: each step recomputes the whole prefix
     (:func:`far_recompute_chunk`) — the reference. Returns (B, C, F, H, W)."""
     import copy
 
