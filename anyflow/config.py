@@ -237,17 +237,29 @@ class Export:
 
 @section
 class Domain:
-    """``anyflow domain``: continued training of the distilled student on a new domain ([G])."""
+    """``anyflow domain``: continued training of the distilled student on a new domain ([G]).
+
+    ``source: synthetic`` renders ``num_samples`` clips of the toy ``domain`` (its train split, cycled) and encodes
+    them with the teacher's VAE (the same path as ``anyflow encode-clips``); ``source: clips`` trains on the shards
+    ``anyflow encode-clips`` wrote from ``clips_dir`` (``artifacts/domain_data``). Training: the stage-1 objective
+    (``stage1.*`` loss settings) from the distilled student's EMA adapter, a ``base_mix`` fraction of every batch
+    from the base shards (``artifacts/data``). Evaluation: ``gate.nfes`` on held-out prompts of both domains; the
+    domain gate (``anyflow.eval.domain_gate``) needs domain Semantic@4 above the base student's, base-domain Total
+    within ``forgetting_tolerance`` of the base student's at every NFE, and ``gate.policy``'s monotone criteria.
+    """
 
     domain: Literal["shapes", "driving"] = "driving"
     source: Literal["synthetic", "clips"] = "synthetic"
     clips_dir: Optional[str] = None
+    num_samples: int = 256  # synthetic: rendered domain clips (train split, cycled; clip i has seed seed·10⁶ + i)
+    seed: int = 0  # clip seeds, shard noise seeds and the trainer's (t, r, ε) draws
     max_steps: int = 200
     batch_size: int = 16
     base_mix: float = 0.25  # fraction of base-domain data against forgetting
     optim: Optim = Optim(lr=5e-4)
     forgetting_tolerance: float = 0.05
     ckpt_every: int = 100
+    log_every: int = 10
 
 
 @section
@@ -339,6 +351,8 @@ def validate(cfg: Config) -> None:
         (cfg.video.height % 16 == 0 and cfg.video.width % 16 == 0, "video.height/width: must be multiples of 16"),
         (cfg.model.source == "toy" or cfg.model.pretrained_dir, "model.pretrained_dir: required when source=local"),
         (0 <= cfg.domain.base_mix < 1, "domain.base_mix: must be in [0, 1)"),
+        (cfg.domain.num_samples >= 1, "domain.num_samples: must be >= 1"),
+        (cfg.domain.batch_size >= 1, "domain.batch_size: must be >= 1"),
         (cfg.domain.source == "synthetic" or cfg.domain.clips_dir, "domain.clips_dir: required when source=clips"),
     ]
     for ok, message in checks:
