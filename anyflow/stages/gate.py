@@ -47,11 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def eval_set(cfg: Config):
-    """The fixed held-out specs (prompt i of ``num_prompts`` cycles the held-out split, ``seeds_per_prompt`` each)."""
-    from anyflow.data import toy
+def eval_set(cfg: Config, domain: str = "shapes"):
+    """The fixed held-out specs (prompt i of ``num_prompts`` cycles the held-out split, ``seeds_per_prompt`` each)
+    of toy ``domain`` (``shapes``: :mod:`anyflow.data.toy`, ``driving``: :mod:`anyflow.data.driving`)."""
+    from anyflow.data import driving, toy
 
-    _, held = toy.split(cfg.data.seed, cfg.data.heldout_fraction)
+    _, held = (driving if domain == "driving" else toy).split(cfg.data.seed, cfg.data.heldout_fraction)
     g = cfg.gate
     return [held[i % len(held)] for i in range(g.num_prompts) for _ in range(g.seeds_per_prompt)]
 
@@ -77,11 +78,12 @@ def _batched(fn, n: int, progress, desc: str):
     return torch.cat(out)
 
 
-def score(frames, specs, x, x_teacher, teacher_feats) -> dict:
-    """VBench-style dimensions + aggregation + fidelity for one set of samples."""
-    from anyflow.eval import fidelity, vbench_like
+def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes") -> dict:
+    """VBench-style dimensions + aggregation + fidelity for one set of samples (``domain`` picks the scorers)."""
+    from anyflow.eval import driving_scorers, fidelity, vbench_like
 
-    scored = vbench_like.score_videos(list(frames), specs)
+    scorer = driving_scorers if domain == "driving" else vbench_like
+    scored = scorer.score_videos(list(frames), specs)
     agg = vbench_like.aggregate(scored["dimensions"])
     fid = {"latent_distance": fidelity.latent_distance(x, x_teacher),
            "frechet": fidelity.frechet_distance(fidelity.video_features(list(frames)), teacher_feats)}
