@@ -1,5 +1,6 @@
 """AnyFlow-FAR student (issue 10 foundation): teacher init, dense-mask attention on CPU vs flex, chunk causality,
-KV-cache generation vs full recomputation, image-to-video context, and stage 1 through the same objective code."""
+KV-cache generation vs full recomputation and vs diffusers' AnyFlowFARPipeline, image-to-video context, and stage 1
+through the same objective code."""
 
 from dataclasses import replace
 
@@ -247,3 +248,28 @@ def test_stage1_objective_trains_the_far_adapter_and_adapter_round_trips(teacher
         far_velocity(student(teacher, FAR_COMPRESSED, lora=False), z, t, t, text)
     with pytest.raises(ValueError, match="one per chunk"):
         far_velocity(model, z, torch.ones(2, 2), t, text)
+
+
+def test_far_generate_is_the_diffusers_far_pipeline(teacher):
+    """far_generate is AnyFlowFARPipeline's chunk loop: the pipeline (on latents, text embeddings, no CFG) with
+    this FAR student gives the same latents, for T2V and with a given first latent frame (video_latents)."""
+    from diffusers import AnyFlowFARPipeline, FlowMapEulerDiscreteScheduler
+
+    from anyflow.config import build
+    from anyflow.models import toy_teacher
+
+    toy = toy_teacher.build(build({}))  # only its (random) tokenizer / text encoder / VAE: geometry 9×32×32 → 5×8×8
+    model = student(teacher, FAR_COMPRESSED)
+    pipe = AnyFlowFARPipeline(tokenizer=toy.tokenizer, text_encoder=toy.text_encoder, transformer=model, vae=toy.vae,
+                              scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(10)
+    noise, text, first = torch.randn(2, 8, 5, 8, 8, generator=g), torch.randn(2, 8, 64, generator=g), \
+        torch.randn(2, 8, 1, 8, 8, generator=g)
+    for context in (None, first):
+        kw = {} if context is None else {"video_latents": context.permute(0, 2, 1, 3, 4)}
+        ref = pipe(prompt_embeds=text, latents=noise, height=32, width=32, num_frames=9, num_inference_steps=3,
+                   output_type="latent", guidance_scale=1.0, chunk_partition=[1, 2, 2], **kw).frames
+        ours = far_generate(model, noise, text, 3, 5.0, context=context)
+        assert float(ours.abs().max()) > 0.5
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
