@@ -129,6 +129,12 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     paradigms = {name: paradigm_of(path, cfg, paradigm if name == "student" else None)
                  for name, path in adapters.items()}
 
+    if cfg.model.source == "local":
+        # the offline scorers read toy ground truth (shape colour/direction on a known background); judging Wan2.1
+        # videos needs the policy over real VBench scores on the prompt suite, which is not wired yet
+        raise ValueError("gate: model.source 'local' (wan profiles) is not supported yet — the offline scorers "
+                         "need the toy domain's ground truth; run real VBench on exported mp4s instead "
+                         "(anyflow.eval.vbench_adapter)")
     if g.use_vbench:  # fail before an hour of sampling, not after
         from anyflow.eval.vbench_adapter import check_available, weights_dir
 
