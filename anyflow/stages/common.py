@@ -91,3 +91,19 @@ def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) 
         raise FileNotFoundError(f"{root}/model_index.json: teacher WanPipeline directory not found "
                                 f"(run `anyflow teacher`)")
     return root
+
+
+def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale: float, batch: int = 16):
+    """The teacher's samples the students are compared with: its ``synthesize.steps``-step ODE solution from the
+    shards' first ``m`` noises at CFG ``guidance_scale`` — the shard latents themselves when the data were
+    synthesised at that scale, otherwise sampled here (the toy data are unguided while guidance is fused into the
+    student at w = 5, so the student must be compared with the CFG-5 teacher, not with its own unguided data)."""
+    import torch
+
+    from anyflow.models.teacher import teacher_ode_sample
+
+    if guidance_scale == cfg.synthesize.guidance_scale:
+        return data.latents[:m]
+    return torch.cat([teacher_ode_sample(teacher, data.noise[i:min(m, i + batch)],
+                                         data.prompt_embeds[i:min(m, i + batch)], negative, cfg.synthesize.steps,
+                                         guidance_scale, cfg.model.flow_shift) for i in range(0, m, batch)])

@@ -10,8 +10,9 @@ global batch ``stage1.batch_size`` split across ranks; only rank 0 writes output
 
 Evaluation (``metrics/stage1.json: eval``): the student before training (LoRA at zero = the teacher's
 instantaneous field used as a flow map, i.e. the teacher's N-step Euler solver without CFG) and the EMA student,
-sampled at N ∈ {1, 2, 4, 8, 16} from the shards' own noises and prompts, against the teacher's 50-step CFG samples
-of the same noises (``anyflow.eval.latent_stats``: ``paired_mse``, ``latent_fd``, ``channel_fd``; lower is better).
+sampled at N ∈ {1, 2, 4, 8, 16} from the shards' own noises and prompts, against the teacher's 50-step samples of
+the same noises at the guidance fused into the student (``stage1.guidance_scale``; the shard latents themselves when
+they were synthesised at that scale) (``anyflow.eval.latent_stats``: ``paired_mse``, ``latent_fd``, ``channel_fd``; lower is better).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths, teacher_transformer
+from anyflow.stages.common import StagePaths, eval_reference, teacher_transformer
 from anyflow.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,10 @@ def teacher_identity_error(model, teacher, data, n: int = 2) -> float:
         return float((student_velocity(model, z, t, t, text) - ref).abs().max())
 
 
-def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVAL_STEPS, batch: int = 16) -> dict:
-    """Sample adapter ``student`` set to each state at every N; distances to the teacher's samples."""
+def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVAL_STEPS, batch: int = 16,
+             reference=None) -> dict:
+    """Sample adapter ``student`` set to each state at every N; distances to the teacher's samples of the same
+    noises (``reference``, default the shard latents)."""
     import torch
 
     from anyflow.eval.latent_stats import distribution_metrics
@@ -73,6 +76,7 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
 
     params = adapter_parameters(model)
     m = min(num_samples, data.latents.shape[0])
+    ref = data.latents[:m] if reference is None else reference[:m]
     saved = {n: p.detach().clone() for n, p in params.items()}
     out: dict = {}
     with torch.no_grad():
@@ -87,7 +91,7 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
                     u = model_velocity(model, data.prompt_embeds[i:min(m, i + batch)])
                     xs.append(sample(cfg.student.paradigm, u, data.noise[i:min(m, i + batch)], num,
                                      cfg.model.flow_shift, g))
-                out[name][f"N{num}"] = distribution_metrics(torch.cat(xs), data.latents, data.latents[:m])
+                out[name][f"N{num}"] = distribution_metrics(torch.cat(xs), ref, ref)
         for n, p in params.items():
             p.copy_(saved[n])
     return out
@@ -157,7 +161,11 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     save_adapter(model, ema_path, STUDENT, state=state_to_peft_keys(model, ema), metadata=meta)
 
     t_eval = time.perf_counter()
-    evaluation = evaluate(model, cfg, {"init": init_state, "ema": ema}, data, eval_samples) if eval_samples else {}
+    evaluation = {}
+    if eval_samples:
+        m = min(eval_samples, data.latents.shape[0])
+        reference = eval_reference(cfg, teacher, data, negative, m, s1.guidance_scale)
+        evaluation = evaluate(model, cfg, {"init": init_state, "ema": ema}, data, m, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
     hist = trainer.state.history
     tail = hist[-max(1, len(hist) // 10):]
@@ -174,8 +182,10 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
         "teacher_identity_max_abs_error": teacher_err,
         "eval": evaluation,
         "eval_metrics_note": "init = LoRA at zero (teacher field without CFG as a flow map); ema = trained EMA "
-                             "student. paired_mse vs the teacher's 50-step CFG sample of the same noise; latent_fd / "
-                             "channel_fd: Fréchet distances of latent statistics. Lower is better.",
+                             "student. Reference: the teacher's 50-step samples of the same noises at CFG "
+                             f"{s1.guidance_scale:g} (the fused guidance). paired_mse vs the sample of the same "
+                             "noise; latent_fd / channel_fd: Fréchet distances of latent statistics over the "
+                             "evaluated set. Lower is better.",
     }
     metrics_path = write_json(paths.metric(name), metrics)
     trainer.clear_checkpoint()  # finished: a later run starts from the outputs, not a stale checkpoint
