@@ -273,3 +273,31 @@ def test_far_generate_is_the_diffusers_far_pipeline(teacher):
         ours = far_generate(model, noise, text, 3, 5.0, context=context)
         assert float(ours.abs().max()) > 0.5
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_teacher_forcing_is_what_generation_shows_each_chunk(teacher):
+    """far_velocity(clean=x0): chunk k's velocity equals the generation-time velocity of chunk k with the clean
+    chunks < k as prefix (far_recompute_chunk ≡ KV cache), and depends on no other chunk's (z, t, r) — so per-chunk
+    times and an all-ones JVP tangent give per-chunk MeanFlow derivatives."""
+    from anyflow.models.far import far_recompute_chunk
+
+    z, text, _ = inputs(11)
+    x0 = torch.randn_like(z)
+    model = student(teacher)
+    t_k, r_k = torch.tensor([[0.9, 0.6, 0.3], [0.7, 0.5, 0.2]]), torch.tensor([[0.4, 0.0, 0.1], [0.7, 0.2, 0.0]])
+    with torch.no_grad():
+        tf = far_velocity(model, z, t_k, r_k, text, clean=x0)
+        for k, (lo, hi) in enumerate(((0, 1), (1, 3), (3, 5))):
+            ref = far_recompute_chunk(model, text, [1, 2, 2][:k + 1], x0[:, :, :lo])(z[:, :, lo:hi], t_k[:, k],
+                                                                                      r_k[:, k])
+            torch.testing.assert_close(tf[:, :, lo:hi], ref, rtol=0, atol=1e-5)
+        z2, t2 = z.clone(), t_k.clone()
+        z2[:, :, :3] += 1.0  # perturb chunks 0-1 noisy input and times: chunk 2 is unchanged, chunks 0-1 change
+        t2[:, :2] = 0.99
+        other = far_velocity(model, z2, t2, r_k, text, clean=x0)
+        torch.testing.assert_close(other[:, :, 3:], tf[:, :, 3:], rtol=0, atol=1e-6)
+        assert float((other[:, :, :3] - tf[:, :, :3]).abs().max()) > 1e-2
+        x2 = x0.clone()
+        x2[:, :, :1] += 1.0  # the clean context does enter later chunks
+        assert float((far_velocity(model, z, t_k, r_k, text, clean=x2)[:, :, 1:] - tf[:, :, 1:]).abs().max()) > 1e-3
+        assert float((far_velocity(model, z, t_k, r_k, text) - tf)[:, :, 1:].abs().max()) > 1e-3  # ≠ noisy context

@@ -193,11 +193,17 @@ def _per_frame(x: torch.Tensor, b: int, partition: Sequence[int], name: str) -> 
 
 
 def far_velocity(model, z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor, prompt_embeds: torch.Tensor,
-                 chunk_partition: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 chunk_partition: Optional[Sequence[int]] = None,
+                 clean: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``u(z_t, t, r)`` of every chunk in one chunk-causal forward (the training rollout): z (B, C, F, H, W),
-    t and r in [0, 1] of shape (B,) or per chunk (B, K); returns (B, C, F, H, W). Needs ``len(chunk_partition)
-    <= full_chunk_limit`` (otherwise diffusers compresses the first chunks into far context and returns only
-    the full-resolution frames, which is not a velocity of all of z)."""
+    t and r in [0, 1] of shape (B,) or per chunk (B, K); returns (B, C, F, H, W).
+
+    ``clean`` None: every noisy chunk attends to the noisy earlier chunks (diffusion-forcing layout). ``clean``
+    (B, C, F, H, W) clean latents: teacher forcing (diffusers' ``clean_hidden_states``, t = r = 0) — chunk k
+    attends only to its own noisy tokens and the *clean* chunks < k, i.e. exactly what chunk-by-chunk generation
+    shows it (:func:`far_recompute_chunk`; tested), and its output depends on no other chunk's (z, t, r).
+    Needs ``len(chunk_partition) <= full_chunk_limit`` (otherwise diffusers compresses the first chunks into far
+    context and returns only the full-resolution frames, which is not a velocity of all of z)."""
     b, _, f = z_BCFHW.shape[:3]
     partition = list(chunk_partition or model.config.chunk_partition)
     if sum(partition) != f:
@@ -206,10 +212,14 @@ def far_velocity(model, z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
     if len(partition) > model.config.full_chunk_limit:
         raise ValueError(f"far_velocity: {len(partition)} chunks > student.full_chunk_limit "
                          f"{model.config.full_chunk_limit}: the first chunks would be far context without output")
+    if clean is not None and clean.shape != z_BCFHW.shape:
+        raise ValueError(f"far_velocity: clean {tuple(clean.shape)} must have the shape of z {tuple(z_BCFHW.shape)}")
     ts = _per_frame(t, b, partition, "t").to(z_BCFHW.dtype)
     rs = _per_frame(r, b, partition, "r").to(z_BCFHW.dtype)
+    extra = {} if clean is None else {"clean_hidden_states": clean.to(z_BCFHW.dtype).permute(0, 2, 1, 3, 4),
+                                      "clean_timestep": torch.zeros_like(ts)}
     out = model(hidden_states=z_BCFHW.permute(0, 2, 1, 3, 4), timestep=ts, r_timestep=rs,
-                encoder_hidden_states=prompt_embeds, chunk_partition=partition, return_dict=False)[0]
+                encoder_hidden_states=prompt_embeds, chunk_partition=partition, return_dict=False, **extra)[0]
     return out.permute(0, 2, 1, 3, 4)
 
 
