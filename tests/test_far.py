@@ -258,7 +258,7 @@ def test_far_generate_is_the_diffusers_far_pipeline(teacher):
     from anyflow.config import build
     from anyflow.models import toy_teacher
 
-    toy = toy_teacher.build(build({}))  # only its (random) tokenizer / text encoder / VAE: geometry 9×32×32 → 5×8×8
+    toy = toy_teacher.build(build({}))  # random tokenizer/text encoder/VAE: 9×32×32 → 5×8×8
     model = student(teacher, FAR_COMPRESSED)
     pipe = AnyFlowFARPipeline(tokenizer=toy.tokenizer, text_encoder=toy.text_encoder, transformer=model, vae=toy.vae,
                               scheduler=FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0))
