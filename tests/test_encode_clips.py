@@ -1,0 +1,114 @@
+"""anyflow encode-clips: a folder of mp4s + captions → shards in the synthesis format whose latents are exactly
+encode_video of the (decoded) frames; unreadable clips, wrong sizes and missing captions are errors naming the file."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from anyflow.config import build
+from anyflow.data import driving, toy
+from anyflow.stages import encode_clips as ec
+
+
+def _write_mp4(path, frames, fps=8):
+    import imageio
+
+    imageio.mimwrite(str(path), list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=10)
+
+
+def _cfg(tmp_path, teacher_path):
+    cfg = build({"paths": {"root": str(tmp_path / "artifacts"), "metrics": str(tmp_path / "metrics"),
+                           "plots": str(tmp_path / "plots"), "checkpoints": str(tmp_path / "ckpt")},
+                 "synthesize": {"samples_per_shard": 2}})
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "teacher").symlink_to(teacher_path)
+    return cfg
+
+
+def _folder(tmp_path, n=3):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    specs = driving.all_specs()[:n]
+    for i, spec in enumerate(specs):
+        frames, _ = driving.render(spec, i)
+        _write_mp4(folder / f"clip{i}.mp4", frames)
+    # captions: the first two in captions.json, the third in a .txt beside its mp4 (both layouts are accepted)
+    (folder / "captions.json").write_text(json.dumps({"clip0.mp4": specs[0].prompt, "clip1.mp4": specs[1].prompt}))
+    (folder / "clip2.txt").write_text(specs[2].prompt + "\n")
+    return folder, specs
+
+
+def test_read_folder_errors_name_the_file(tmp_path):
+    cfg = build({})
+    folder, specs = _folder(tmp_path)
+    names, frames, captions = ec.read_folder(folder, cfg)
+    assert names == ["clip0.mp4", "clip1.mp4", "clip2.mp4"] and captions == [s.prompt for s in specs]
+    # the decoded clip is the rendered one up to H.264 loss (exact colours are not kept, positions are)
+    ref, _ = driving.render(specs[0], 0)
+    assert frames[0].shape == ref.shape and np.abs(frames[0].astype(float) - ref).mean() < 12
+
+    (folder / "clip2.txt").write_text("something else")
+    (folder / "captions.json").write_text(json.dumps({"clip0.mp4": "a", "clip1.mp4": "b", "clip2.mp4": "c"}))
+    with pytest.raises(ec.ClipError, match="clip2.mp4.*different captions"):
+        ec.read_folder(folder, cfg)
+    (folder / "clip2.txt").unlink()
+    (folder / "captions.json").write_text(json.dumps({"clip0.mp4": "a", "clip1.mp4": "b"}))
+    with pytest.raises(ec.ClipError, match=r"clip2\.mp4: no caption"):
+        ec.read_folder(folder, cfg)
+    (folder / "clip2.txt").write_text("c")
+
+    (folder / "clip1.mp4").write_bytes(b"this is not an mp4")
+    with pytest.raises(ec.ClipError, match=r"clip1\.mp4: unreadable clip"):
+        ec.read_folder(folder, cfg)
+    frames, _ = driving.render(specs[1], 1)
+    _write_mp4(folder / "clip1.mp4", frames[:, :16])  # 9 frames of 16x32
+    with pytest.raises(ec.ClipError, match=r"clip1\.mp4: wrong size 9 frames of 16x32"):
+        ec.read_folder(folder, cfg)
+    _write_mp4(folder / "clip1.mp4", frames[:5])
+    with pytest.raises(ec.ClipError, match=r"clip1\.mp4: wrong size 5 frames of 32x32"):
+        ec.read_folder(folder, cfg)
+
+
+@pytest.mark.slow  # the session toy teacher fixture (~30-60 s once)
+def test_encode_folder_gives_shards_equal_to_encode_video(tmp_path, toy_teacher_dir):
+    from anyflow.data.shards import ShardSet
+    from anyflow.models.teacher import encode_prompts, encode_video, latent_shape, load_teacher
+
+    torch.set_num_threads(1)
+    _, teacher_path = toy_teacher_dir
+    cfg = _cfg(tmp_path, teacher_path)
+    folder, specs = _folder(tmp_path)
+    names, frames, captions = ec.read_folder(folder, cfg)
+    out = ec.run(cfg, folder, progress=False)
+    assert out["clips"] == 3
+    shards = ShardSet(tmp_path / "artifacts" / "domain_data")  # verifies every sha256
+    assert [e["num_samples"] for e in shards.entries] == [2, 1]  # synthesize.samples_per_shard = 2
+    data = shards.load_all()
+    pipe = load_teacher(teacher_path)
+    ref = encode_video(pipe, toy.to_model_space(np.stack(frames)))
+    assert data.prompts == captions
+    assert torch.allclose(data.latents, ref, atol=1e-5)
+    assert torch.allclose(data.prompt_embeds, encode_prompts(pipe, captions, cfg.model.max_text_len))
+    seeds = [cfg.domain.seed * 1_000_000 + i for i in range(3)]
+    assert torch.equal(data.noise[2], torch.randn(latent_shape(pipe, cfg),
+                                                  generator=torch.Generator().manual_seed(seeds[2])))
+    assert shards.negative_embeds().shape == (1, cfg.model.max_text_len, data.prompt_embeds.shape[-1])
+    assert shards.manifest["meta"]["source"] == "clips" and shards.manifest["meta"]["clips"] == names
+
+    # a bad clip fails before anything is written, and the previous shards stay intact
+    before = (tmp_path / "artifacts" / "domain_data" / "manifest.json").read_text()
+    (folder / "clip0.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ec.ClipError, match=r"clip0\.mp4"):
+        ec.run(cfg, folder, progress=False)
+    assert (tmp_path / "artifacts" / "domain_data" / "manifest.json").read_text() == before
+
+
+def test_cli_names_missing_folder(tmp_path):
+    cfg = replace(build({}), domain=replace(build({}).domain, clips_dir=None))
+    with pytest.raises(ValueError, match="domain.clips_dir"):
+        ec.run(cfg, None)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        ec.read_folder(tmp_path / "nowhere", cfg)
