@@ -20,7 +20,6 @@ lane-change direction from the pixels alone.
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Iterable, Sequence
@@ -82,19 +81,7 @@ def parse_prompt(prompt: str) -> Spec:
 
 def split(seed: int = 0, heldout_fraction: float = 0.25) -> tuple[list[Spec], list[Spec]]:
     """Train / held-out split of prompt combinations; every colour, vehicle and direction stays in training."""
-    specs = all_specs()
-    rng = random.Random(seed)
-    rng.shuffle(specs)
-    n_held = int(round(len(specs) * heldout_fraction))
-    held: list[Spec] = []
-    for spec in specs:
-        if len(held) == n_held:
-            break
-        rest = [s for s in specs if s not in held and s != spec]
-        if all(any(getattr(s, f) == getattr(spec, f) for s in rest) for f in ("color", "vehicle", "direction")):
-            held.append(spec)
-    train = [s for s in specs if s not in held]
-    return sorted(train, key=lambda s: s.prompt), sorted(held, key=lambda s: s.prompt)
+    return toy.split_combinations(all_specs(), seed, heldout_fraction, ("color", "vehicle", "direction"))
 
 
 def hash_spec(spec: Spec) -> int:

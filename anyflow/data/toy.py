@@ -82,17 +82,21 @@ def split(seed: int = 0, heldout_fraction: float = 0.25) -> tuple[list[Spec], li
     Every colour, shape and direction still appears in the training split (so held-out prompts test composition,
     not unseen words): held-out combinations are drawn as a partial Latin design over the three factors.
     """
-    specs = all_specs()
-    rng = random.Random(seed)
-    rng.shuffle(specs)
+    return split_combinations(all_specs(), seed, heldout_fraction, ("color", "shape", "direction"))
+
+
+def split_combinations(specs: list, seed: int, heldout_fraction: float, factors: Sequence[str]) -> tuple[list, list]:
+    """Shuffle ``specs`` with ``seed`` and hold out ``heldout_fraction`` of them, keeping every value of every
+    factor covered by the remaining training combinations; both lists sorted by prompt (shared by toy domains)."""
+    specs = list(specs)
+    random.Random(seed).shuffle(specs)
     n_held = int(round(len(specs) * heldout_fraction))
-    held: list[Spec] = []
+    held: list = []
     for spec in specs:
         if len(held) == n_held:
             break
         rest = [s for s in specs if s not in held and s != spec]
-        # keep every factor value covered by the remaining training combinations
-        if all(any(getattr(s, f) == getattr(spec, f) for s in rest) for f in ("color", "shape", "direction")):
+        if all(any(getattr(s, f) == getattr(spec, f) for s in rest) for f in factors):
             held.append(spec)
     train = [s for s in specs if s not in held]
     return sorted(train, key=lambda s: s.prompt), sorted(held, key=lambda s: s.prompt)
