@@ -16,8 +16,9 @@ stage-1 objective. This stage
    reference) and applies the domain gate (:mod:`anyflow.eval.domain_gate`).
 
 Outputs: ``artifacts/domain/{adapter,ema_adapter}.safetensors`` (metadata ``paradigm=flowmap``, ``domain``,
-``base_adapter``), ``artifacts/domain/report.json``, ``metrics/domain.json`` (``passed``, ``failed``, per-NFE table
-base vs domain on both domains, training summary) and ``plots/domain_loss.csv``. Exit 1 names the failed
+``base_adapter``), ``artifacts/domain/report.json`` (``passed``, ``failed``, ``criteria``, ``candidate.adapter``:
+the EMA adapter judged — what ``anyflow export --gate`` checks), ``metrics/domain.json`` (``passed``, ``failed``,
+per-NFE table base vs domain on both domains, training summary) and ``plots/domain_loss.csv``. Exit 1 names the failed
 criteria (metrics are written first). ``--evaluate-only`` re-evaluates existing adapters; ``--no-eval`` trains only.
 """
 
@@ -122,7 +123,8 @@ def train(cfg: Config, pipe, base_adapter: Path, max_steps: Optional[int] = None
     if fresh and (ckpt / "last.pt").exists():
         (ckpt / "last.pt").unlink()
     trainer = FlowMapTrainer(model, cfg, data_fn, dom_set.negative_embeds(), d.optim, ckpt, d.ckpt_every, d.seed,
-                             batch_size=d.batch_size, log_every=d.log_every, desc="domain")
+                             batch_size=d.batch_size, log_every=d.log_every, desc="domain",
+                             velocity_target="data")  # the teacher does not know the new domain
     resumed = trainer.maybe_resume()
     steps = max_steps if max_steps is not None else d.max_steps
     t1 = time.perf_counter()
@@ -248,7 +250,11 @@ def run(cfg: Config, base: str = "auto", max_steps: Optional[int] = None, fresh:
         crit = domain_gate.check(ev["base"], ev["domain"], cfg.gate.policy, cfg.domain.forgetting_tolerance,
                                  cfg.domain.domain, BASE_DOMAIN)
         failed = [c["name"] for c in crit if not c["passed"]]
-        write_json(out_dir(paths) / "report.json", {**ev, "criteria": crit, "failed": failed})
+        # ``candidate.adapter`` (as in the stage-2 gate report) names the adapter this verdict judged: `anyflow
+        # export --gate` refuses to ship another adapter under it
+        write_json(out_dir(paths) / "report.json",
+                   {**ev, "passed": not failed, "criteria": crit, "failed": failed,
+                    "candidate": {"adapter": str(ema), "base_adapter": str(base_adapter), "paradigm": "flowmap"}})
         teacher = {dom: {k: ev["teacher"][dom][k] for k in ("total", "semantic", "quality")} for dom in ev["teacher"]}
         metrics.update(passed=not failed, failed=failed, criteria=crit, table=table(ev), teacher=teacher,
                        eval_seconds=time.perf_counter() - t0)

@@ -10,6 +10,11 @@ built in a temporary directory and swapped in only when every check passed::
     onnx/transformer.onnx, onnx/text_encoder.onnx, onnx/vae_decoder.onnx
     manifest.json        files + sha256 + sizes, git sha, dvc.lock digest, gate verdict, parity, runtime shapes
 
+``--out`` another directory (``artifacts/release_domain``) writes ``metrics/export_domain.json`` instead
+(:func:`metrics_name`). The manifest's gate verdict is copied from ``--gate`` (default: the stage-2 gate report
+``artifacts/gate/report.json``, else ``metrics/gate.json``) and fails when that report judged another adapter than
+the one exported (:func:`gate_verdict`).
+
 Checks (recorded in the manifest and ``metrics/export.json``): merged vs adapter model (max abs diff), each ONNX
 graph through ``onnx.checker`` and ONNX Runtime vs torch (max abs/rel error; the transformer at every
 ``export.check_pairs`` (t, r)), and a full 4-step generation ONNX Runtime vs torch.
@@ -40,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default="auto",
                    help="student adapter: auto (stage2 if present, else stage1), stage2, stage1, or a .safetensors path")
     p.add_argument("--teacher", default=None, help="teacher WanPipeline directory (default: from the profile)")
-    p.add_argument("--out", default=None, help="release directory (default: <paths.root>/release)")
+    p.add_argument("--out", default=None,
+                   help="release directory (default: <paths.root>/release); the metrics file follows its name: "
+                        "release → metrics/export.json, release_domain → metrics/export_domain.json")
+    p.add_argument("--gate", default=None,
+                   help="gate report copied into the manifest (default: <paths.root>/gate/report.json, else "
+                        "metrics/gate.json — the stage-2 gate); its verdict fails when it judged another adapter")
 
 
 @dataclass(frozen=True)
@@ -104,16 +114,41 @@ def probe_inputs(shape: tuple, text: "torch.Tensor", t: float, r: float, shift: 
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+def metrics_name(release: Path) -> str:
+    """The metrics file stem for a release directory, so two exports never share an output: ``release`` →
+    ``export``, ``release_domain`` → ``export_domain``, any other name ``x`` → ``export_x``."""
+    name = Path(release).name
+    return "export" + (name[len("release"):] if name.startswith("release") else f"_{name}")
+
+
+def gate_verdict(candidates: list[Path], adapter_path: Path) -> dict:
+    """The gate summary for the manifest (:func:`anyflow.export.manifest.gate_summary` of the first existing report),
+    failed when the report names the adapter it judged (``candidate.adapter``) and that is not ``adapter_path``:
+    a verdict on one student must not ship another (e.g. the domain-adapted adapter under the stage-2 gate)."""
+    from anyflow.export import manifest as mf
+
+    gate = mf.gate_summary(candidates)
+    cand = gate.get("candidate")
+    judged = cand.get("adapter") if isinstance(cand, dict) else None
+    if isinstance(judged, str) and Path(judged).resolve() != Path(adapter_path).resolve():
+        gate["passed"] = False
+        gate["reason"] = (f"{gate['source']} judged adapter {judged}, not the exported adapter {adapter_path}; "
+                          f"export with --gate <the report that judged {adapter_path}>")
+        log.warning("gate verdict refused: %s", gate["reason"])
+    return gate
+
+
 def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: Optional[str] = None,
-        repo: str | Path = ".") -> ExportOutputs:
+        repo: str | Path = ".", gate: Optional[str] = None) -> ExportOutputs:
     """The whole stage (see the module docstring); gradients off inside, global torch state untouched."""
     import torch
 
     with torch.no_grad():
-        return _run(cfg, adapter, teacher, out, repo)
+        return _run(cfg, adapter, teacher, out, repo, gate)
 
 
-def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], repo: str | Path) -> ExportOutputs:
+def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], repo: str | Path,
+         gate_report: Optional[str] = None) -> ExportOutputs:
     import torch
     from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
@@ -212,7 +247,8 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
 
         # 4. manifest (last: it hashes everything above)
         git_sha, dirty = mf.git_state(repo)
-        gate = mf.gate_summary([paths.gate / "report.json", paths.metric("gate")])
+        reports = [Path(gate_report)] if gate_report else [paths.gate / "report.json", paths.metric("gate")]
+        gate = gate_verdict(reports, adapter_path)
         manifest = mf.build_manifest(
             tmp, git_sha=git_sha, git_dirty=dirty, dvc_lock=mf.dvc_lock_digest(Path(repo) / "dvc.lock"), gate=gate,
             profile=cfg.profile, parity=parity,
@@ -223,7 +259,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     metrics = {"seconds": seconds, "parity": parity, "gate_passed": manifest["gate"]["passed"],
                "adapter": str(adapter_path),
                "bytes": {e["path"]: e["size"] for e in manifest["files"] if e["path"].endswith((".onnx", ".safetensors"))}}
-    metrics_path = write_json(paths.metric("export"), metrics)
+    metrics_path = write_json(paths.metric(metrics_name(release)), metrics)
     log.info("release %s: %d files, gate passed=%s, %.1f s", release, len(manifest["files"]),
              manifest["gate"]["passed"], seconds["total"])
     return ExportOutputs(release, release / mf.MANIFEST, metrics_path)
@@ -245,6 +281,6 @@ def _check_parity(parity: dict, atol: float, rtol: float) -> None:
 
 def main(cfg: Config, args) -> int:
     out = run(cfg, adapter=getattr(args, "adapter", "auto"), teacher=getattr(args, "teacher", None),
-              out=getattr(args, "out", None))
+              out=getattr(args, "out", None), gate=getattr(args, "gate", None))
     print(f"release: {out.release}\nmanifest: {out.manifest}\nmetrics: {out.metrics}")
     return 0
