@@ -171,6 +171,10 @@ class Stage1:
     derivative: Literal["central", "jvp"] = "central"
     fd_eps: float = 0.005  # central difference step on the [0, 1] scale (5 on the 1000 scale)
     guidance_scale: float = 3.0  # fused into the student
+    # the velocity v in the targets: "data" = ε − x0 (the conditional velocity of the sample, MeanFlow), "teacher"
+    # = the frozen teacher's instantaneous velocity at (z_t, t, text) — its expectation, so the same target without
+    # the sampling noise (one more no-grad forward per step). Domain training always uses "data".
+    velocity_target: Literal["data", "teacher"] = "data"
     text_dropout: float = 0.1
     adaptive_c: float = 1e-5
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

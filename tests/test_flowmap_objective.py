@@ -166,3 +166,24 @@ def test_stage1_loss_is_zero_for_the_exact_flow_map_on_a_point_mass():
             assert float(wrong.loss) > 1e-3
     finally:
         S = old
+
+
+def test_teacher_velocity_target_makes_the_exact_flow_map_a_zero_of_the_loss_on_spread_data():
+    """Spread data (s > 0): ε − x0 is only the marginal velocity in expectation, so even the exact flow map has a
+    positive loss under the data target; with the teacher's (here: the exact marginal) velocity as target, the r = t
+    target and the dF/dt tangent are exact and the exact flow map scores zero, while a wrong one does not."""
+    g = torch.Generator().manual_seed(5)
+    x0 = MU + S * torch.randn(8, 2, 3, 2, 2, generator=g, dtype=torch.float64)
+    text = torch.zeros(8, 1, 1, dtype=torch.float64)
+    v_teacher = lambda z, t, c: v_marginal(z, t.reshape(-1, *([1] * (z.ndim - 1))))  # noqa: E731
+    for method in ("central", "jvp"):
+        s1 = Stage1(guidance_scale=1.0, text_dropout=0.0, derivative=method, velocity_target="teacher")
+        exact = fm.stage1_terms(lambda z, t, r, c: u_true(z, t, r), x0, text, text[:1], s1, "flowmap", 3.0,
+                                torch.Generator().manual_seed(4), v_teacher=v_teacher)
+        data = fm.stage1_terms(lambda z, t, r, c: u_true(z, t, r), x0, text, text[:1], s1, "flowmap", 3.0,
+                               torch.Generator().manual_seed(4))
+        wrong = fm.stage1_terms(lambda z, t, r, c: 1.1 * u_true(z, t, r), x0, text, text[:1], s1, "flowmap", 3.0,
+                                torch.Generator().manual_seed(4), v_teacher=v_teacher)
+        assert float(exact.loss) < 1e-6, (method, exact.parts)
+        assert float(data.loss) > 1e-2  # the noisy target the teacher target removes
+        assert float(wrong.loss) > 1e-3

@@ -52,6 +52,28 @@ def test_student_at_r_equal_t_is_the_teacher():
         assert float((student_velocity(zero, z, t, t, text) - ref).abs().max()) > 1e-3
 
 
+def test_teacher_velocity_is_the_frozen_teacher_and_leaves_the_adapter_training():
+    from anyflow.models.student import teacher_velocity
+
+    teacher = tiny_teacher()
+    z, text, t = inputs()
+    ref = teacher_out(teacher, z, text, t)
+    model = student_from_teacher(teacher, STUDENT_CFG)
+    add_lora(model, STUDENT_CFG)
+    randomise_lora(model)
+    with torch.no_grad():
+        trained = student_velocity(model, z, t, t, text)
+    assert float((trained - ref).abs().max()) > 1e-3  # the adapter changes the output ...
+    got = teacher_velocity(model)(z, t, text)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # ... the teacher call does not see it
+    assert not got.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(student_velocity(model, z, t, t, text), trained, rtol=0, atol=0)  # re-enabled
+    lora = adapter_parameters(model)
+    assert all(p.requires_grad for p in lora.values())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n not in lora)
+
+
 def test_merged_lora_is_unchanged_and_adapter_file_round_trips(tmp_path):
     teacher = tiny_teacher()
     z, text, t = inputs(1)

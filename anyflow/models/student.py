@@ -117,6 +117,24 @@ def student_velocity(model, z_BCFHW: torch.Tensor, t_B: torch.Tensor, r_B: torch
     return out.permute(0, 2, 1, 3, 4)
 
 
+def teacher_velocity(model, adapter: str = STUDENT):
+    """``v(z, t, text)``: the frozen teacher's instantaneous velocity — ``model`` with its adapters disabled at
+    r = t, which is exactly the teacher (the delta embedder starts as a copy) — without grad. Afterwards
+    ``adapter`` is active and the only trainable weights again."""
+
+    def v(z_BCFHW: torch.Tensor, t_B: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        model.disable_adapters()
+        try:
+            with torch.no_grad():
+                return student_velocity(model, z_BCFHW, t_B, t_B, text)
+        finally:
+            model.enable_adapters()
+            model.set_adapter(adapter)
+            set_trainable(model, adapter)
+
+    return v
+
+
 def adapter_state(model, name: str = STUDENT) -> dict[str, torch.Tensor]:
     """peft state dict of adapter ``name`` without adapter names (the saved format)."""
     from peft import get_peft_model_state_dict

@@ -167,20 +167,28 @@ def draw(x0: torch.Tensor, generator: Optional[torch.Generator], sample_seeds: O
 def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, s1,
                  paradigm: str, shift: float, generator: Optional[torch.Generator], global_offset: int = 0,
                  global_batch: Optional[int] = None, sample_seeds: Optional[Sequence[int]] = None,
-                 u_nograd: Optional[TextVelocityFn] = None) -> Stage1Out:
+                 u_nograd: Optional[TextVelocityFn] = None,
+                 v_teacher: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+                 ) -> Stage1Out:
     """The stage-1 loss of velocity ``u`` on clean latents ``x0`` with text ``text``; ``s1`` is ``cfg.stage1``.
     ``u_nograd`` (default ``u``) serves the no-grad evaluations (dF/dt, the unconditional branch) — under DDP the
-    unwrapped module, so only the graded call goes through the wrapper."""
+    unwrapped module, so only the graded call goes through the wrapper. ``v_teacher(z, t, text)`` (no grad), when
+    given, replaces ``v = ε − x0`` by the teacher's velocity — E[ε − x0 | z_t] on teacher-synthesised data — in both
+    the r = t target and the dF/dt tangent."""
     b = x0.shape[0]
     u_ng = u_nograd or u
     ua, ub, udrop, eps = draw(x0, generator, sample_seeds)
     times = sample_times(b, shift, s1.time_split, None, paradigm, global_offset, global_batch, uniforms=(ua, ub))
     t, r = times.t.to(x0.dtype), times.r.to(x0.dtype)
     z = (1.0 - _b(t, x0)) * x0 + _b(t, x0) * eps
-    v = eps - x0
     drop = udrop < s1.text_dropout
     neg = negative.to(text.dtype).expand(b, -1, -1)
     text = torch.where(_b(drop, text).bool(), neg, text)
+    if v_teacher is None:
+        v = eps - x0
+    else:
+        with torch.no_grad():
+            v = v_teacher(z, t, text).detach()
     w = torch.where(drop, torch.ones(b), torch.full((b,), float(s1.guidance_scale))).to(x0.dtype)
 
     moving = times.kind != KIND_DIFFUSION  # only r ≠ t samples need dF/dt
@@ -222,5 +230,9 @@ def model_text_velocity(model) -> TextVelocityFn:
 def stage1_loss(model, cfg, batch, negative: torch.Tensor, generator: torch.Generator, global_offset: int = 0,
                 global_batch: Optional[int] = None) -> torch.Tensor:
     """The full stage-1 loss of ``model``'s active adapter on a :class:`~anyflow.data.shards.Batch`."""
+    from anyflow.models.student import STUDENT, teacher_velocity
+
+    v_teacher = teacher_velocity(model, STUDENT) if cfg.stage1.velocity_target == "teacher" else None
     return stage1_terms(model_text_velocity(model), batch.latents, batch.prompt_embeds, negative, cfg.stage1,
-                        cfg.student.paradigm, cfg.model.flow_shift, generator, global_offset, global_batch).loss
+                        cfg.student.paradigm, cfg.model.flow_shift, generator, global_offset, global_batch,
+                        v_teacher=v_teacher).loss

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from anyflow.config import Config, Optim
-from anyflow.models.student import STUDENT, adapter_parameters, set_trainable, student_velocity
+from anyflow.models.student import STUDENT, adapter_parameters, set_trainable, student_velocity, teacher_velocity
 from anyflow.objectives.flowmap import stage1_terms
 from anyflow.train.common import (Ema, copy_params_, load_checkpoint, make_optimizer, save_checkpoint,
                                   step_generator)
@@ -66,7 +66,8 @@ class FlowMapTrainer:
 
     def __init__(self, model, cfg: Config, data_fn: Callable, negative: torch.Tensor, optim: Optim,
                  ckpt_dir: Optional[Path], ckpt_every: int, seed: int, batch_size: Optional[int] = None,
-                 adapter: str = STUDENT, log_every: int = 10, desc: str = "stage1", accelerator=None):
+                 adapter: str = STUDENT, log_every: int = 10, desc: str = "stage1", accelerator=None,
+                 velocity_target: Optional[str] = None):
         from accelerate import Accelerator
 
         s1 = cfg.stage1
@@ -78,6 +79,9 @@ class FlowMapTrainer:
         self.acc = accelerator
         self.cfg, self.data_fn, self.optim, self.seed, self.desc = cfg, data_fn, optim, seed, desc
         self.adapter, self.log_every, self.ckpt_every = adapter, log_every, ckpt_every
+        self.velocity_target = velocity_target or s1.velocity_target
+        if self.velocity_target not in ("data", "teacher"):
+            raise ValueError(f"stage1.velocity_target: unknown {self.velocity_target!r} (data | teacher)")
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         self.global_batch = batch_size or s1.batch_size
         world = self.acc.num_processes
@@ -111,7 +115,8 @@ class FlowMapTrainer:
         with acc.autocast():
             out = stage1_terms(lambda z, t, r, c: student_velocity(wrapped, z, t, r, c), x0, text, self.negative,
                                cfg.stage1, cfg.student.paradigm, cfg.model.flow_shift, None, start,
-                               self.global_batch, seeds, lambda z, t, r, c: student_velocity(bare, z, t, r, c))
+                               self.global_batch, seeds, lambda z, t, r, c: student_velocity(bare, z, t, r, c),
+                               teacher_velocity(bare, self.adapter) if self.velocity_target == "teacher" else None)
         self.opt.zero_grad(set_to_none=True)
         acc.backward(out.loss)
         parts = dict(out.parts)
