@@ -1,10 +1,13 @@
-"""Continued training on a new domain: domain → gate → export → promote (only on a passing gate).
+"""Continued training on a new domain: domain (its own gate) → export_domain → promote (only on a passing gate).
 
-``domain`` is the DVC stage of issue [G] (``anyflow domain``: adapt the distilled student to ``domain.domain`` /
-``domain.clips_dir``, with a forgetting check). The flow only needs it to be a DVC stage that writes
-``metrics/domain.json``; the gate then judges the adapted student exactly as it judges a fresh distillation.
-Optionally encodes a clips folder first (``anyflow encode-clips``, stage ``encode_clips``) when the domain comes
-from real videos.
+The stages live in the second DVC pipeline ``continued/dvc.yaml`` (addressed ``continued/dvc.yaml:<stage>``), so the
+root ``dvc repro`` never runs them. ``domain`` (issue [G], ``anyflow domain``) adapts the distilled student to
+``domain.domain`` and applies the domain gate (semantic gain on the new domain, no forgetting on the base domain,
+monotone in NFE); it exits 1 with ``passed: false`` in ``metrics/domain.json`` when that fails, which the flow
+handles exactly like the release gate: nothing is exported or promoted. ``export_domain`` writes
+``artifacts/release_domain`` with the domain gate's verdict in its manifest, and that directory is promoted. Optionally
+encodes a clips folder first (``anyflow encode-clips``, stage ``encode_clips``) when the domain comes from real
+videos.
 """
 
 from __future__ import annotations
@@ -14,18 +17,25 @@ from prefect import flow, runtime
 from tasks.commands import Commands
 from tasks.stages import promote_release, run_gate, run_stage
 
+PIPELINE = "continued/dvc.yaml"
+DOMAIN_STAGE = f"{PIPELINE}:domain"
+EXPORT_STAGE = f"{PIPELINE}:export_domain"
+DOMAIN_METRICS = "metrics/domain.json"
+RELEASE_DIR = "artifacts/release_domain"
+
 
 @flow(name="anyflow-continued-training")
 def continued_training(repo: str = ".", encode_clips: bool = False, release_name: str | None = None,
                        cmds: Commands = Commands()) -> dict:
+    """Returns {"promoted": name or None, "gate": the domain gate's verdict}."""
     if encode_clips:
         run_stage("encode_clips", repo, cmds)
-    run_stage("domain", repo, cmds)
-    gate = run_gate(repo, cmds)
+    gate = run_gate(repo, cmds, metrics_file=DOMAIN_METRICS, stage=DOMAIN_STAGE)
     if not gate["passed"]:
         return {"promoted": None, "gate": gate}
-    run_stage("export", repo, cmds)
-    return {**promote_release(repo, cmds, release_name, flow_run=runtime.flow_run.id), "gate": gate}
+    run_stage(EXPORT_STAGE, repo, cmds)
+    return {**promote_release(repo, cmds, release_name, flow_run=runtime.flow_run.id, release=RELEASE_DIR),
+            "gate": gate}
 
 
 if __name__ == "__main__":

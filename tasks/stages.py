@@ -5,6 +5,10 @@ Retries: training and synthesis stages resume from their checkpoints / finished 
 pre-emption or an out-of-memory kill continues the work; an invalid-parameters exit (2) is deterministic and is not
 retried. The gate is never retried (a failing gate is a verdict, not an error), and promotion retries only on
 errors that are not a refused gate (exit 3), e.g. a lakeFS endpoint that was briefly unreachable.
+
+Stages of a second DVC pipeline are addressed as DVC does, ``<dvc.yaml path>:<stage>`` (e.g.
+``continued/dvc.yaml:domain``): the command templates pass that through to ``dvc repro --single-item``, and the
+artefacts are published under the bare stage name (its metrics file is ``metrics/<stage>.json``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ def _retry_unless(*codes: int):
     return condition
 
 
+def stage_name(stage: str) -> str:
+    """``continued/dvc.yaml:domain`` → ``domain``; a root stage's name unchanged."""
+    return stage.rsplit(":", 1)[-1]
+
+
 def _run(argv: list[str], repo: str, what: str) -> commands.CommandResult:
     logger = get_run_logger()
     logger.info("$ %s", " ".join(argv))
@@ -55,7 +64,7 @@ def run_stage(stage: str, repo: str, cmds: Commands) -> dict:
     result = _run(cmds.render(cmds.stage, stage=stage), repo, stage)
     if result.returncode != 0:
         raise StageFailed(f"stage {stage}", result)
-    return publish_stage_artifacts(Path(repo), stage)
+    return publish_stage_artifacts(Path(repo), stage_name(stage))
 
 
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_unless(EXIT_INVALID_PARAMS),
@@ -92,33 +101,38 @@ def gate_passed(metrics: dict) -> bool | None:
     return None
 
 
-@task(retries=0, cache_policy=NO_CACHE, task_run_name="gate")
-def run_gate(repo: str, cmds: Commands, metrics_file: str = "metrics/gate.json") -> dict:
-    """Run the gate. A failing gate (non-zero exit *and* a fresh ``metrics/gate.json`` with passed=false) returns
-    ``{"passed": False, ...}``; a gate that crashed without a fresh verdict raises."""
+@task(retries=0, cache_policy=NO_CACHE, task_run_name="gate-{stage}")
+def run_gate(repo: str, cmds: Commands, metrics_file: str = "metrics/gate.json", stage: str = "gate") -> dict:
+    """Run a gating stage: the release gate, or any stage that exits non-zero with ``passed: false`` in
+    ``metrics_file`` when its verdict fails (``stage="continued/dvc.yaml:domain"``,
+    ``metrics_file="metrics/domain.json"``). A failing gate (non-zero exit *and* a fresh ``metrics_file`` with
+    passed=false) returns ``{"passed": False, ...}``; a gate that crashed without a fresh verdict raises."""
     started = time.time()
-    result = _run(cmds.render(cmds.stage, stage="gate"), repo, "gate")
+    result = _run(cmds.render(cmds.stage, stage=stage), repo, stage)
     verdict_path = Path(repo) / metrics_file
     metrics = json.loads(verdict_path.read_text()) if verdict_path.exists() else {}
     fresh = verdict_path.exists() and verdict_path.stat().st_mtime >= started - 1
     verdict = gate_passed(metrics)
     if metrics:
-        publish_stage_artifacts(Path(repo), "gate")
+        publish_stage_artifacts(Path(repo), stage_name(stage))
     # exit 0: the gate passed now, or DVC skipped it because an identical run passed before (only successful
     # runs enter dvc.lock); a verdict of passed=false still wins. Non-zero: a verdict only if freshly written.
     if verdict is False and (result.returncode == 0 or fresh):
-        get_run_logger().warning("gate failed: the candidate will not be promoted\n%s", result.tail(20))
+        get_run_logger().warning("%s failed: the candidate will not be promoted\n%s", stage, result.tail(20))
         return {"passed": False, "metrics": metrics, "reason": result.tail(20)}
     if result.returncode == 0:
         return {"passed": True, "metrics": metrics}
-    raise StageFailed(f"gate (exit {result.returncode} without a fresh verdict in {metrics_file})", result)
+    raise StageFailed(f"{stage} (exit {result.returncode} without a fresh verdict in {metrics_file})", result)
 
 
 @task(retries=2, retry_delay_seconds=15, retry_condition_fn=_retry_unless(EXIT_GATE_REFUSED, EXIT_INVALID_PARAMS),
       cache_policy=NO_CACHE, task_run_name="promote")
-def promote_release(repo: str, cmds: Commands, name: str | None = None, flow_run: str | None = None) -> dict:
-    """``anyflow promote``: candidate → release only if its gate passed. Returns the promotion record."""
+def promote_release(repo: str, cmds: Commands, name: str | None = None, flow_run: str | None = None,
+                    release: str | None = None) -> dict:
+    """``anyflow promote``: candidate → release only if its gate passed. ``release``: the release directory
+    (default: ``anyflow promote``'s, ``artifacts/release``). Returns the promotion record."""
     argv = [*cmds.anyflow, "promote", "--json"]
+    argv += ["--release", release] if release else []
     argv += ["--name", name] if name else []
     argv += ["--meta", f"prefect_flow_run={flow_run}"] if flow_run else []
     result = _run(argv, repo, "promote")

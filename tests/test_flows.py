@@ -5,7 +5,9 @@ the gate exits 1 with ``passed: false`` when its policy fails, export writes ``a
 promotion runs the real ``anyflow promote`` against the local store. What is asserted: a passing gate promotes
 exactly one release; a failing gate (forced by a stricter policy) promotes nothing and does not even export;
 the release flow refuses a stale candidate and rolls back; shards are mapped as separate task runs; metrics and the
-step-scaling plot are published as artefacts.
+step-scaling plot are published as artefacts. Continued training: the domain stage is its own gate (a stricter
+forgetting tolerance fails it → nothing exported or promoted), its stages are addressed in the second pipeline
+``continued/dvc.yaml`` and the domain release (``artifacts/release_domain``) is what gets promoted.
 """
 
 import json
@@ -30,7 +32,7 @@ FAKE_STAGE = textwrap.dedent('''
     (root / "metrics").mkdir(exist_ok=True)
     log = root / "calls.log"
     log.write_text((log.read_text() if log.exists() else "") + " ".join(args) + "\\n")
-    stage = args[0]
+    stage = args[0].rsplit(":", 1)[-1]  # `continued/dvc.yaml:domain` when the fake stands in for `dvc repro`
     if stage == "record":
         sys.exit(0)
     if stage == "synthesize" and "--shard" in args:
@@ -49,17 +51,27 @@ FAKE_STAGE = textwrap.dedent('''
         if not passed:
             print("gate FAILED: total@4 below teacher - tolerance", file=sys.stderr)
         sys.exit(0 if passed else 1)
-    if stage == "export":
-        rel = root / "artifacts/release"
+    if stage == "domain":
+        tol = yaml.safe_load((root / "params.yaml").read_text())["domain"]["forgetting_tolerance"]
+        drop = 0.03  # base-domain Total lost by the adaptation
+        passed = drop <= tol
+        (root / "metrics/domain.json").write_text(json.dumps(
+            {"passed": passed, "failed": [] if passed else ["forgetting@4"], "forgetting": {"4": drop}}))
+        if not passed:
+            print("domain gate FAILED: forgetting@4", file=sys.stderr)
+        sys.exit(0 if passed else 1)
+    if stage in ("export", "export_domain"):
+        rel = root / ("artifacts/release" if stage == "export" else "artifacts/release_domain")
         rel.mkdir(parents=True, exist_ok=True)
         runs = len(log.read_text().splitlines())
         data = f"onnx-weights-{runs}".encode() * 100
         (rel / "transformer.onnx").write_bytes(data)
-        gate = json.loads((root / "metrics/gate.json").read_text())
+        gate = json.loads((root / ("metrics/gate.json" if stage == "export" else "metrics/domain.json")).read_text())
         manifest = {"files": [{"path": "transformer.onnx", "sha256": hashlib.sha256(data).hexdigest(),
                                "size": len(data)}], "git_sha": "feedbeef%04d" % runs,
                     "dvc_lock_digest": "0" * 64, "gate": {"passed": gate["passed"]}}
         (rel / "manifest.json").write_text(json.dumps(manifest))
+        (root / f"metrics/{stage}.json").write_text(json.dumps({"gate_passed": gate["passed"]}))  # export_domain.json
         sys.exit(0)
     (root / f"metrics/{stage}.json").write_text(json.dumps({"loss": 0.1, "steps": 3}))
 ''')
@@ -78,10 +90,11 @@ def _repo(tmp_path: Path, tolerance: float) -> Path:
     return tmp_path
 
 
-def _params(repo: Path, tolerance: float) -> None:
+def _params(repo: Path, tolerance: float, forgetting_tolerance: float = 0.05) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(
         {"profile": "toy", "store": {"backend": "local", "local_root": "registry"},
-         "gate": {"policy": {"total_tolerance": tolerance}}}))
+         "gate": {"policy": {"total_tolerance": tolerance}},
+         "domain": {"forgetting_tolerance": forgetting_tolerance}}))
 
 
 def _fake_commands(repo: Path):
@@ -204,3 +217,71 @@ def test_gate_crash_fails_the_flow_instead_of_reading_as_not_promoted(tmp_path, 
     state = only_gate(return_state=True)
     assert state.is_failed()
     assert "without a fresh verdict" in str(state.result(raise_on_failure=False))
+
+
+def test_continued_training_promotes_the_domain_release_only_when_the_domain_gate_passes(tmp_path, prefect_harness):
+    from flows.continued_training import continued_training
+
+    repo = _repo(tmp_path, tolerance=0.02)
+    cmds = _fake_commands(repo)
+
+    first = continued_training(repo=str(repo), release_name="dom1", cmds=cmds)
+    assert first["gate"]["passed"] is True and first["promoted"] == "dom1"
+    # the stages are addressed in the second pipeline; the distillation release is never touched
+    assert (repo / "calls.log").read_text().splitlines() == ["continued/dvc.yaml:domain",
+                                                             "continued/dvc.yaml:export_domain"]
+    assert not (repo / "artifacts/release").exists()
+    promoted = repo / "registry/releases/dom1/transformer.onnx"
+    assert promoted.read_bytes() == (repo / "artifacts/release_domain/transformer.onnx").read_bytes()
+    assert _latest(repo) == "dom1"
+
+    # a stricter forgetting tolerance fails the domain gate: a verdict, not a crash; no export, no promotion
+    _params(repo, tolerance=0.02, forgetting_tolerance=0.01)
+    release_before = (repo / "artifacts/release_domain/manifest.json").read_text()
+    second = continued_training(repo=str(repo), release_name="dom2", cmds=cmds)
+    assert second["promoted"] is None and second["gate"]["passed"] is False
+    assert second["gate"]["metrics"]["failed"] == ["forgetting@4"]
+    assert (repo / "calls.log").read_text().splitlines()[-1] == "continued/dvc.yaml:domain"  # export never ran
+    assert (repo / "artifacts/release_domain/manifest.json").read_text() == release_before
+    assert _latest(repo) == "dom1" and sorted(p.name for p in (repo / "registry/releases").iterdir()) == ["dom1"]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(limit=200)}
+    assert {"domain-metrics", "export-domain-metrics"} <= keys
+
+
+def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_path, prefect_harness):
+    """Default command path: `dvc repro --single-item continued/dvc.yaml:<stage>` on a second pipeline whose stages
+    run from the repository root (wdir ..). Only continued/dvc.lock is written (the root pipeline never runs); a
+    failing domain gate exits non-zero through DVC and promotes nothing."""
+    import subprocess
+
+    from flows.continued_training import continued_training
+    from tasks.commands import Commands
+
+    repo = _repo(tmp_path, tolerance=0.02)
+    fake = f"{sys.executable} fake_stage.py"
+    stages = {"domain": {"wdir": "..", "cmd": f"{fake} domain", "deps": ["fake_stage.py"],
+                         "params": ["domain.forgetting_tolerance"],
+                         "metrics": [{"metrics/domain.json": {"cache": False}}]},
+              "export_domain": {"wdir": "..", "cmd": f"{fake} export_domain", "deps": ["metrics/domain.json"],
+                                "outs": ["artifacts/release_domain"]}}
+    (repo / "continued").mkdir()
+    (repo / "continued/dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
+
+    cmds = Commands(anyflow=[sys.executable, "-m", "anyflow.cli"])  # default dvc templates
+    first = continued_training(repo=str(repo), release_name="dvcdom1", cmds=cmds)
+    assert first["promoted"] == "dvcdom1" and _latest(repo) == "dvcdom1"
+    assert set(yaml.safe_load((repo / "continued/dvc.lock").read_text())["stages"]) == {"domain", "export_domain"}
+    assert not (repo / "dvc.lock").exists() and not (repo / "metrics/stage1.json").exists()
+    assert (repo / "artifacts/release_domain/manifest.json").exists()  # paths resolved from the root (wdir ..)
+
+    _params(repo, tolerance=0.02, forgetting_tolerance=0.01)
+    (repo / "calls.log").write_text("")
+    second = continued_training(repo=str(repo), release_name="dvcdom2", cmds=cmds)
+    assert second["promoted"] is None and second["gate"]["passed"] is False
+    assert (repo / "calls.log").read_text().split() == ["domain"]
+    assert _latest(repo) == "dvcdom1" and not (repo / "registry/releases/dvcdom2").exists()
