@@ -104,6 +104,27 @@ def test_cli_promote_refuses_failed_gate_and_pull_verifies(tmp_path, monkeypatch
     assert LocalStore(tmp_path / "reg").list() == ["good"]
 
 
+def test_cli_promote_cross_checks_the_gate_that_judged_the_release(tmp_path, monkeypatch):
+    """A domain release (manifest gate.source = artifacts/domain/report.json) is judged by the domain gate's latest
+    metrics (metrics/domain.json), not by the distillation gate's, and vice versa."""
+    from anyflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("profile: toy\nstore:\n  local_root: reg\n")
+    rel = make_release(tmp_path / "artifacts/release_domain", passed=True)
+    manifest = json.loads((rel / "manifest.json").read_text())
+    manifest["gate"]["source"] = "artifacts/domain/report.json"
+    (rel / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/gate.json").write_text(json.dumps({"passed": False}))  # stage 2's gate: not this release's
+    (tmp_path / "metrics/domain.json").write_text(json.dumps({"passed": True}))
+    assert main(["promote", "--release", str(rel), "--name", "dom1"]) == 0
+    assert LocalStore(tmp_path / "reg").latest() == "dom1"
+    (tmp_path / "metrics/domain.json").write_text(json.dumps({"passed": False}))  # a later failing domain run
+    assert main(["promote", "--release", str(rel), "--name", "dom2"]) == 3
+    assert LocalStore(tmp_path / "reg").latest() == "dom1"
+
+
 def test_store_accepts_the_manifest_written_by_anyflow_export(tmp_path):
     """Contract test with the export side: a manifest from anyflow.export.manifest promotes and pulls."""
     mf = pytest.importorskip("anyflow.export.manifest")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from anyflow.config import Config
 from anyflow.stages.common import StagePaths
@@ -36,8 +37,19 @@ def open_configured_store(cfg: Config):
     return open_store(cfg.store, os.environ.get("LAKEFS_ACCESS_KEY_ID"), os.environ.get("LAKEFS_SECRET_ACCESS_KEY"))
 
 
-def gate_verdict(release_dir: Path, gate_metrics: Path) -> tuple[bool, str]:
-    """(passed, reason) from the release manifest, cross-checked with the gate's own metrics file if present.
+def gate_metrics_for(manifest: dict, paths: StagePaths) -> Path:
+    """The metrics file of the gate that judged this release: the manifest's ``gate.source`` names the report
+    (``artifacts/<name>/report.json`` or ``metrics/<name>.json``) and the gate writes ``metrics/<name>.json``
+    — ``gate`` for the distilled student, ``domain`` for a domain-adapted one."""
+    source = Path(str(manifest.get("gate", {}).get("source") or "gate.json"))
+    name = source.parent.name if source.name == "report.json" else source.stem
+    return paths.metric(name or "gate")
+
+
+def gate_verdict(release_dir: Path, gate_metrics: Optional[Path] = None,
+                 paths: Optional[StagePaths] = None) -> tuple[bool, str]:
+    """(passed, reason) from the release manifest, cross-checked with the gate's own metrics file if present
+    (``gate_metrics``, else the one :func:`gate_metrics_for` names under ``paths``).
 
     A failing ``anyflow gate`` stops ``dvc repro`` before export, so ``artifacts/release`` may still hold an older,
     passing release; ``metrics/gate.json`` (written by the gate run that just failed) catches that.
@@ -48,6 +60,10 @@ def gate_verdict(release_dir: Path, gate_metrics: Path) -> tuple[bool, str]:
     manifest = read_manifest(release_dir)
     if not manifest["gate"]["passed"]:
         return False, f"{release_dir}/manifest.json: gate.passed is false"
+    if gate_metrics is None:
+        gate_metrics = gate_metrics_for(manifest, paths) if paths is not None else None
+    if gate_metrics is None:
+        return True, "gate passed"
     if gate_metrics.exists():
         metrics = read_json(gate_metrics)
         if isinstance(metrics, dict) and metrics.get("passed") is False:
@@ -73,7 +89,7 @@ def main(cfg: Config, args) -> int:
         return 0
     paths = StagePaths.of(cfg)
     release_dir = Path(args.release) if args.release else paths.release
-    passed, reason = gate_verdict(release_dir, paths.metric("gate"))
+    passed, reason = gate_verdict(release_dir, paths=paths)
     extra = dict(item.split("=", 1) for item in args.meta if "=" in item)
     candidate = store.put_release(release_dir, metadata=extra, name=args.name)
     if not passed:
