@@ -263,6 +263,11 @@ class Domain:
     max_steps: int = 200
     batch_size: int = 16
     base_mix: float = 0.25  # fraction of base-domain data against forgetting
+    # self-distillation from the frozen base student (anyflow.train.selfdistill): rows picked by distill_rows
+    # ("base": the base-domain rows; "jumps": those and the domain rows with r != t) regress u(z, t, r) onto the
+    # base adapter's instead of the stage-1 target, with this weight; 0 = stage-1 objective only
+    distill_weight: float = 0.0
+    distill_rows: Literal["base", "jumps"] = "base"
     optim: Optim = Optim(lr=5e-4)
     forgetting_tolerance: float = 0.05
     ckpt_every: int = 100
@@ -360,6 +365,10 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.domain.base_mix < 1, "domain.base_mix: must be in [0, 1)"),
         (cfg.domain.num_samples >= 1, "domain.num_samples: must be >= 1"),
         (cfg.domain.batch_size >= 1, "domain.batch_size: must be >= 1"),
+        (cfg.domain.distill_weight >= 0, "domain.distill_weight: must be >= 0"),
+        (cfg.domain.distill_weight == 0 or cfg.domain.distill_rows != "base" or
+         round(cfg.domain.base_mix * cfg.domain.batch_size) >= 1,
+         "domain.distill_rows: 'base' distils base-domain rows, but domain.base_mix x batch_size rounds to 0 rows"),
         (cfg.domain.source == "synthetic" or cfg.domain.clips_dir, "domain.clips_dir: required when source=clips"),
     ]
     for ok, message in checks:

@@ -228,3 +228,124 @@ def test_domain_stage_resume_equals_uninterrupted_and_gate_is_applied(tmp_path, 
     assert set(m3["table"]) == {"shapes", "driving"} and set(m3["table"]["driving"]) == {"1", "2", "4"}
     assert report["prompts"]["driving"][0] in {s.prompt for s in driving.split(0, 0.25)[1]}
     assert read_json(tmp_path / "metrics" / "domain.json")["training"]["steps"] == 4
+
+
+# --------------------------------------------------------------------------------------------- self-distillation
+def _student_and_base_file(tmp_path):
+    """Tiny student with a non-zero 'student' adapter saved to a file, plus the frozen copy of it loaded as
+    selfdistill.FROZEN."""
+    from stage1_fixtures import STUDENT_CFG, tiny_teacher
+
+    from anyflow.models.student import STUDENT, adapter_parameters, add_lora, save_adapter, student_from_teacher
+    from anyflow.train import selfdistill
+
+    torch.manual_seed(1)
+    model = student_from_teacher(tiny_teacher(), STUDENT_CFG)
+    add_lora(model, STUDENT_CFG, STUDENT)
+    with torch.no_grad():
+        for p in adapter_parameters(model, STUDENT).values():
+            p.normal_(0, 0.05)
+    path = save_adapter(model, tmp_path / "base.safetensors", STUDENT)
+    selfdistill.add_frozen_base(model, STUDENT_CFG, path)
+    return model, path
+
+
+def _rows(b=6):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(b, 8, 5, 8, 8, generator=g), torch.randn(b, 8, 64, generator=g), torch.zeros(1, 8, 64)
+
+
+def test_self_distillation_is_zero_for_the_unchanged_student_and_trains_only_the_student(tmp_path):
+    from stage1_fixtures import STUDENT_CFG, tiny_teacher
+
+    from anyflow.models.student import STUDENT, adapter_parameters, load_student, student_velocity
+    from anyflow.objectives.flowmap import split_kinds
+    from anyflow.train import selfdistill
+
+    torch.set_num_threads(1)
+    model, path = _student_and_base_file(tmp_path)
+    student, frozen = adapter_parameters(model, STUDENT), adapter_parameters(model, selfdistill.FROZEN)
+    assert student and len(frozen) == len(student)
+    assert all(p.requires_grad for p in student.values()) and not any(p.requires_grad for p in frozen.values())
+    x0, text, neg = _rows()
+    kind = split_kinds(torch.arange(6), 6, (0.5, 0.25, 0.25))
+    seeds = list(range(100, 106))
+    u = lambda z, t, r, c: student_velocity(model, z, t, r, c)  # noqa: E731
+    u_base = selfdistill.frozen_velocity(model)
+
+    # the student equals the frozen base: every row's loss and the whole gradient are exactly 0
+    per_row = selfdistill.distill_terms(u, u_base, x0, text, neg, kind, seeds, 0.3, 5.0)
+    assert torch.equal(per_row, torch.zeros(6))
+    per_row.mean().backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in student.values())
+    assert all(p.grad is None for p in frozen.values())
+
+    # move the student: the loss is ‖u_student − u_base‖² of two independently built models at the same (z, t, r)
+    with torch.no_grad():
+        for p in student.values():
+            p.add_(0.02 * torch.randn_like(p))
+            p.grad = None
+    frozen_before = {n: p.detach().clone() for n, p in frozen.items()}
+    per_row = selfdistill.distill_terms(u, u_base, x0, text, neg, kind, seeds, 0.0, 5.0)
+    per_row.mean().backward()
+    assert all(p.grad is None for p in frozen.values())
+    assert sum(float(p.grad.abs().sum()) for p in student.values()) > 0
+    assert all(torch.equal(frozen_before[n], p) for n, p in frozen.items())
+    ua, ub, _, eps = selfdistill.draw(x0, None, seeds)
+    t, r = selfdistill.row_times(ua, ub, kind, 5.0)
+    assert torch.equal(r[kind == 0], t[kind == 0]) and torch.all(r[kind == 1] == 0) and torch.all(r <= t)
+    z = (1 - t[:, None, None, None, None]) * x0 + t[:, None, None, None, None] * eps
+    ref_base = load_student(tiny_teacher(), STUDENT_CFG, path)
+    with torch.no_grad():
+        want = (u(z, t, r, text) - student_velocity(ref_base, z, t, r, text)).pow(2).flatten(1).mean(1)
+    assert float(want.min()) > 0
+    torch.testing.assert_close(per_row.detach(), want, rtol=1e-5, atol=1e-9)
+
+
+def test_row_times_are_stage1_times():
+    from anyflow.objectives.flowmap import sample_times, split_kinds
+    from anyflow.train.selfdistill import row_times
+
+    g = torch.Generator().manual_seed(0)
+    ua, ub = torch.rand(16, generator=g), torch.rand(16, generator=g)
+    want = sample_times(16, 5.0, (0.5, 0.25, 0.25), None, uniforms=(ua, ub))
+    t, r = row_times(ua, ub, split_kinds(torch.arange(16), 16, (0.5, 0.25, 0.25)), 5.0)
+    assert torch.equal(t, want.t) and torch.equal(r, want.r)
+
+
+def test_self_distill_trainer_step_keeps_an_unchanged_student_and_pulls_a_moved_one_back(tmp_path):
+    from dataclasses import replace
+
+    from stage1_fixtures import CFG, dataset
+
+    from anyflow.data.shards import Batch
+    from anyflow.models.student import STUDENT, adapter_parameters
+    from anyflow.train.selfdistill import SelfDistillTrainer
+
+    torch.set_num_threads(1)
+    model, _ = _student_and_base_file(tmp_path)
+    data = dataset()
+    cfg = replace(CFG, domain=replace(CFG.domain, batch_size=4))
+
+    def data_fn(g):
+        i = torch.randint(16, (4,), generator=g)
+        return Batch(latents=data.latents[i], noise=data.noise[i], prompt_embeds=data.prompt_embeds[i],
+                     prompts=[data.prompts[int(k)] for k in i], index=torch.arange(4))
+
+    trainer = SelfDistillTrainer(model, cfg, data_fn, torch.zeros(1, 8, 64), cfg.stage1.optim, None, 0, 0,
+                                 batch_size=4, is_base=lambda b: torch.ones(4, dtype=torch.bool), mode="base")
+    params = adapter_parameters(model, STUDENT)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    row = trainer.step()  # every row distilled from an identical base: loss 0, AdamW moves nothing
+    assert row["loss"] == 0.0 and row["distill"] == 0.0 and "mse_r_eq_t" not in row
+    assert all(torch.equal(start[n], p) for n, p in params.items())
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.02 * torch.randn_like(p))
+    first = trainer.step()["distill"]
+    for _ in range(5):
+        last = trainer.step()["distill"]
+    assert first > 0 and last < first
+    with pytest.raises(ValueError, match="distill_rows: unknown 'all'"):
+        SelfDistillTrainer(model, cfg, data_fn, torch.zeros(1, 8, 64), cfg.stage1.optim, None, 0, 0,
+                           batch_size=4, is_base=lambda b: b.index >= 0, mode="all")

@@ -11,6 +11,8 @@ stage-1 objective. This stage
    ``--base``) with :class:`anyflow.train.stage1.FlowMapTrainer` (the stage-1 loss, ``stage1.*`` loss settings,
    ``domain.optim``/``batch_size``/``max_steps``; checkpoints in ``checkpoints/domain/last.pt``, exact resume),
    a ``domain.base_mix`` fraction of every batch drawn from the base shards (``artifacts/data``) against forgetting;
+   with ``domain.distill_weight`` > 0 the rows ``domain.distill_rows`` picks regress onto the frozen base adapter
+   instead (:mod:`anyflow.train.selfdistill`: the stage-1 objective alone undoes stage 2's few-step quality);
 3. evaluates the base and the adapted student at every ``gate.nfes`` on held-out prompts of BOTH domains with the
    gate's sampling and scoring (:mod:`anyflow.stages.gate`: ``eval_set``/``score``; teacher 50×CFG as the fidelity
    reference) and applies the domain gate (:mod:`anyflow.eval.domain_gate`).
@@ -122,9 +124,18 @@ def train(cfg: Config, pipe, base_adapter: Path, max_steps: Optional[int] = None
     ckpt = paths.ckpt("domain")
     if fresh and (ckpt / "last.pt").exists():
         (ckpt / "last.pt").unlink()
-    trainer = FlowMapTrainer(model, cfg, data_fn, dom_set.negative_embeds(), d.optim, ckpt, d.ckpt_every, d.seed,
-                             batch_size=d.batch_size, log_every=d.log_every, desc="domain",
-                             velocity_target="data")  # the teacher does not know the new domain
+    args = (model, cfg, data_fn, dom_set.negative_embeds(), d.optim, ckpt, d.ckpt_every, d.seed)
+    kw = dict(batch_size=d.batch_size, log_every=d.log_every, desc="domain",
+              velocity_target="data")  # the teacher does not know the new domain
+    if d.distill_weight > 0:  # keep the base's few-step flow map: regress onto the frozen base adapter
+        from anyflow.train.selfdistill import SelfDistillTrainer, add_frozen_base
+
+        add_frozen_base(model, cfg.student, base_adapter)
+        n_dom = d.batch_size - n_base
+        trainer = SelfDistillTrainer(*args, **kw, is_base=lambda b: b.index >= n_dom, mode=d.distill_rows,
+                                     weight=d.distill_weight)
+    else:
+        trainer = FlowMapTrainer(*args, **kw)
     resumed = trainer.maybe_resume()
     steps = max_steps if max_steps is not None else d.max_steps
     t1 = time.perf_counter()
@@ -140,12 +151,13 @@ def train(cfg: Config, pipe, base_adapter: Path, max_steps: Optional[int] = None
     save_adapter(model, adapter, STUDENT, metadata=meta)
     save_adapter(model, ema, STUDENT, state=state_to_peft_keys(model, trainer.ema_state()), metadata=meta)
     hist = trainer.state.history
-    write_loss_csv(paths.plots / "domain_loss.csv", hist, LOSS_COLUMNS)
+    write_loss_csv(paths.plots / "domain_loss.csv", hist, LOSS_COLUMNS + ["distill"])
     tail = hist[-max(1, len(hist) // 10):]
     training = {"steps": trainer.state.step, "resumed": resumed, "base_adapter": str(base_adapter),
                 "domain_samples": int(dom.latents.shape[0]), "base_rows_per_batch": n_base,
+                "distill": {"weight": d.distill_weight, "rows": d.distill_rows if d.distill_weight > 0 else None},
                 "final": {k: sum(r.get(k, 0.0) for r in tail) / len(tail)
-                          for k in ("loss", "mse_r_eq_t", "mse_r_eq_0", "mse_free")},
+                          for k in ("loss", "mse_r_eq_t", "mse_r_eq_0", "mse_free", "distill")},
                 "first": {k: hist[0].get(k) for k in ("loss", "mse_r_eq_t")} if hist else {},
                 "seconds": {"data": data_seconds, "train": train_seconds,
                             "per_step": train_seconds / max(1, len(hist))}}
