@@ -109,6 +109,11 @@ def test_export_manifest_and_metrics(tiny_release):
     assert metrics["seconds"]["total"] < 120
     for key in ("text_encoder", "vae_decoder"):
         assert metrics["parity"][key]["max_abs"] < 1e-4
+    # [F]: the gate's scorer rates the ONNX Runtime 4-step videos like the torch ones (same prompts, same noise)
+    rated = metrics["parity"]["scores"]["generate_4step"]
+    assert rated["torch"]["total"] is not None and set(rated["torch"]["dimensions"]) == set(
+        rated["onnxruntime"]["dimensions"])
+    assert rated["total_diff"] <= 0.01 and rated["max_dimension_diff"] <= 0.02, rated
 
 
 def test_failed_export_leaves_previous_release_untouched(tiny_release, monkeypatch):

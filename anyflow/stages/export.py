@@ -162,6 +162,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     adapter_path = resolve_adapter(paths, adapter)
     seconds: dict[str, float] = {}
     parity: dict[str, dict] = {}
+    quality: dict[str, dict] = {}
     tic = time.perf_counter()
 
     teacher_pipe = load_teacher_pipeline(teacher_dir(cfg, paths, teacher))
@@ -235,15 +236,19 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
         if set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:
             t0 = time.perf_counter()
             info = ReleaseInfo.read(tmp)
-            ref = generate(TorchBackend(pipe), info, PROBE_PROMPTS[:1], 4, seed=0, tokenizer=tok)
-            got = generate(OnnxBackend(tmp), info, PROBE_PROMPTS[:1], 4, seed=0, tokenizer=tok)
+            ref = generate(TorchBackend(pipe), info, PROBE_PROMPTS, 4, seed=0, tokenizer=tok)
+            got = generate(OnnxBackend(tmp), info, PROBE_PROMPTS, 4, seed=0, tokenizer=tok)
             parity["generate_4step"] = {
                 "latents": ox.compare(got.latents.numpy(), ref.latents.numpy()).as_dict(),
                 "video": ox.compare(got.video.numpy(), ref.video.numpy()).as_dict(),
                 "frames_max_uint8_diff": int(abs(got.frames.astype(int) - ref.frames.astype(int)).max()),
             }
+            if cfg.model.source == "toy":  # the [D] scorers know the toy prompts: rate both videos alike?
+                quality["generate_4step"] = rate_alike(ref.frames, got.frames, PROBE_PROMPTS)
             seconds["generate_check"] = time.perf_counter() - t0
         _check_parity(parity, cfg.export.atol, cfg.export.rtol)
+        if quality:
+            parity["scores"] = quality
 
         # 4. manifest (last: it hashes everything above)
         git_sha, dirty = mf.git_state(repo)
@@ -263,6 +268,23 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     log.info("release %s: %d files, gate passed=%s, %.1f s", release, len(manifest["files"]),
              manifest["gate"]["passed"], seconds["total"])
     return ExportOutputs(release, release / mf.MANIFEST, metrics_path)
+
+
+def rate_alike(torch_frames, ort_frames, prompts) -> dict:
+    """The gate's VBench-style scores (:mod:`anyflow.eval.vbench_like`) of the torch and the ONNX Runtime videos
+    of the same prompts and noise: Total, every dimension, and the largest per-dimension difference."""
+    from anyflow.data import toy
+    from anyflow.eval import vbench_like
+
+    specs = [toy.parse_prompt(p) for p in prompts]
+    out = {}
+    for name, frames in (("torch", torch_frames), ("onnxruntime", ort_frames)):
+        dims = vbench_like.score_videos(list(frames), specs)["dimensions"]
+        out[name] = {"total": vbench_like.aggregate(dims)["total"], "dimensions": dims}
+    out["max_dimension_diff"] = max(abs(out["torch"]["dimensions"][k] - out["onnxruntime"]["dimensions"][k])
+                                    for k in out["torch"]["dimensions"])
+    out["total_diff"] = abs(out["torch"]["total"] - out["onnxruntime"]["total"])
+    return out
 
 
 def _check_parity(parity: dict, atol: float, rtol: float) -> None:
