@@ -205,13 +205,14 @@ def far_velocity(model, z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
     Needs ``len(chunk_partition) <= full_chunk_limit`` (otherwise diffusers compresses the first chunks into far
     context and returns only the full-resolution frames, which is not a velocity of all of z)."""
     b, _, f = z_BCFHW.shape[:3]
-    partition = list(chunk_partition or model.config.chunk_partition)
+    config = _bare(model).config  # model may be DDP-wrapped (training)
+    partition = list(chunk_partition or config.chunk_partition)
     if sum(partition) != f:
         raise ValueError(f"student.chunk_partition: {tuple(partition)} sums to {sum(partition)}, latents have "
                          f"{f} frames")
-    if len(partition) > model.config.full_chunk_limit:
+    if len(partition) > config.full_chunk_limit:
         raise ValueError(f"far_velocity: {len(partition)} chunks > student.full_chunk_limit "
-                         f"{model.config.full_chunk_limit}: the first chunks would be far context without output")
+                         f"{config.full_chunk_limit}: the first chunks would be far context without output")
     if clean is not None and clean.shape != z_BCFHW.shape:
         raise ValueError(f"far_velocity: clean {tuple(clean.shape)} must have the shape of z {tuple(z_BCFHW.shape)}")
     ts = _per_frame(t, b, partition, "t").to(z_BCFHW.dtype)
@@ -221,6 +222,22 @@ def far_velocity(model, z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
     out = model(hidden_states=z_BCFHW.permute(0, 2, 1, 3, 4), timestep=ts, r_timestep=rs,
                 encoder_hidden_states=prompt_embeds, chunk_partition=partition, return_dict=False, **extra)[0]
     return out.permute(0, 2, 1, 3, 4)
+
+
+def _bare(model):
+    return getattr(model, "module", model)
+
+
+def far_stage1_velocity(model, bare=None):
+    """``(u, chunks)`` for :func:`anyflow.objectives.flowmap.stage1_terms` on a FAR student: ``u(z, t, r, text,
+    clean)`` = :func:`far_velocity` with per-chunk (B, K) times and teacher forcing on the clean latents ``clean``
+    (chunk k sees the clean chunks < k, as at generation), ``chunks`` = the model's ``chunk_partition``. ``model``
+    may be DDP-wrapped (``bare``: the unwrapped module, for the config)."""
+    chunks = tuple((bare or _bare(model)).config.chunk_partition)
+
+    def u(z, t, r, text, clean):
+        return far_velocity(model, z, t, r, text, chunks, clean=clean)
+    return u, chunks
 
 
 def _kv_cache(model, b: int, partition: Sequence[int], h: int, w: int, device, dtype) -> dict:

@@ -40,7 +40,15 @@ BETA_2_15 = math.gamma(2.0) * math.gamma(1.5) / math.gamma(3.5)  # B(2, 1.5) = 4
 
 
 def _b(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if x.ndim == like.ndim:  # already broadcastable (per-frame times of the chunked path: (B, 1, F, 1, 1))
+        return x.to(like.dtype)
     return x.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def _frames(x_BK: torch.Tensor, chunks: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-chunk values (B, K) → (B, 1, F, 1, 1), chunk k's value on its ``chunks[k]`` latent frames."""
+    rep = torch.as_tensor(list(chunks), device=x_BK.device)
+    return x_BK.repeat_interleave(rep, dim=1)[:, None, :, None, None].to(like.dtype)
 
 
 # --------------------------------------------------------------------------------------------- times and weights
@@ -58,9 +66,9 @@ def split_kinds(global_index: torch.Tensor, global_batch: int, split: Sequence[f
 
 @dataclass
 class Times:
-    t: torch.Tensor  # shifted, (B,)
-    r: torch.Tensor  # shifted, (B,), r ≤ t
-    s: torch.Tensor  # unshifted draw of t (weights are evaluated here)
+    t: torch.Tensor  # shifted, (B,) or per chunk (B, K)
+    r: torch.Tensor  # shifted, like t, r ≤ t
+    s: torch.Tensor  # unshifted draw of t (weights are evaluated here), like t
     kind: torch.Tensor  # (B,) KIND_*
 
 
@@ -68,7 +76,8 @@ def sample_times(batch_size: int, shift: float, split: Sequence[float], generato
                  paradigm: str = "flowmap", global_offset: int = 0, global_batch: Optional[int] = None,
                  uniforms: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Times:
     """(t, r) for one (local) batch whose samples have global indices ``global_offset + i`` (from ``generator``, or
-    from two given (B,) uniform draws)."""
+    from two given (B,) uniform draws). Given (B, K) uniforms (one pair per chunk of a causal student), t, r and s
+    are (B, K); the kind stays per sample (an r = t sample has r = t on every chunk, r = 0 likewise)."""
     if uniforms is None:
         uniforms = torch.rand(batch_size, generator=generator), torch.rand(batch_size, generator=generator)
     a, b = uniforms
@@ -79,7 +88,8 @@ def sample_times(batch_size: int, shift: float, split: Sequence[float], generato
         kind = split_kinds(global_offset + torch.arange(batch_size), global_batch or batch_size, split)
     else:
         raise ValueError(f"student.paradigm: unknown {paradigm!r} (flowmap | consistency)")
-    s_r = torch.where(kind == KIND_DIFFUSION, s_t, torch.where(kind == KIND_CONSISTENCY, torch.zeros_like(s_r), s_r))
+    kd = kind.reshape(-1, *([1] * (s_t.ndim - 1)))
+    s_r = torch.where(kd == KIND_DIFFUSION, s_t, torch.where(kd == KIND_CONSISTENCY, torch.zeros_like(s_r), s_r))
     return Times(t=time_shift(s_t, shift), r=time_shift(s_r, shift), s=s_t, kind=kind)
 
 
@@ -145,42 +155,76 @@ class Stage1Out:
     parts: dict = field(default_factory=dict)
 
 
-def draw(x0: torch.Tensor, generator: Optional[torch.Generator], sample_seeds: Optional[Sequence[int]] = None):
+def draw(x0: torch.Tensor, generator: Optional[torch.Generator], sample_seeds: Optional[Sequence[int]] = None,
+         n_chunks: int = 1):
     """The per-step randomness: two uniforms for (t, r), one for text dropout, the noise ε. With ``sample_seeds``
     every sample draws from its own seed, so a sample's draws do not depend on which rank or batch holds it (a
-    2-rank DDP step then equals the 1-process step on the global batch)."""
+    2-rank DDP step then equals the 1-process step on the global batch). ``n_chunks`` K > 1 (causal student): the
+    (t, r) uniforms are (B, K) — column 0 is the per-sample draw, columns 1.. are drawn after ε from the same
+    stream, so every other draw is the one the per-sample objective makes."""
     b = x0.shape[0]
+    extra = 2 * (n_chunks - 1)
     if sample_seeds is None:
         ua, ub = torch.rand(b, generator=generator), torch.rand(b, generator=generator)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        return ua, ub, torch.rand(b, generator=generator), eps
+        ud = torch.rand(b, generator=generator)
+        if extra:
+            more = torch.rand(b, extra, generator=generator)
+            ua, ub = torch.cat([ua[:, None], more[:, 0::2]], 1), torch.cat([ub[:, None], more[:, 1::2]], 1)
+        return ua, ub, ud, eps
     if len(sample_seeds) != b:
         raise ValueError(f"sample_seeds: {len(sample_seeds)} seeds for a batch of {b}")
     rows = []
     for seed in sample_seeds:
         g = torch.Generator().manual_seed(int(seed))
-        rows.append((torch.rand(3, generator=g), torch.randn(x0.shape[1:], generator=g, dtype=x0.dtype)))
+        rows.append((torch.rand(3, generator=g), torch.randn(x0.shape[1:], generator=g, dtype=x0.dtype),
+                     torch.rand(extra, generator=g) if extra else None))
     u3 = torch.stack([r[0] for r in rows])
-    return u3[:, 0], u3[:, 1], u3[:, 2], torch.stack([r[1] for r in rows])
+    eps = torch.stack([r[1] for r in rows])
+    if not extra:
+        return u3[:, 0], u3[:, 1], u3[:, 2], eps
+    more = torch.stack([r[2] for r in rows])
+    return (torch.cat([u3[:, :1], more[:, 0::2]], 1), torch.cat([u3[:, 1:2], more[:, 1::2]], 1), u3[:, 2], eps)
 
 
 def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negative: torch.Tensor, s1,
                  paradigm: str, shift: float, generator: Optional[torch.Generator], global_offset: int = 0,
                  global_batch: Optional[int] = None, sample_seeds: Optional[Sequence[int]] = None,
                  u_nograd: Optional[TextVelocityFn] = None,
-                 v_teacher: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
-                 ) -> Stage1Out:
+                 v_teacher: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                 chunks: Optional[Sequence[int]] = None, clean: Optional[torch.Tensor] = None) -> Stage1Out:
     """The stage-1 loss of velocity ``u`` on clean latents ``x0`` with text ``text``; ``s1`` is ``cfg.stage1``.
     ``u_nograd`` (default ``u``) serves the no-grad evaluations (dF/dt, the unconditional branch) — under DDP the
     unwrapped module, so only the graded call goes through the wrapper. ``v_teacher(z, t, text)`` (no grad), when
     given, replaces ``v = ε − x0`` by the teacher's velocity — E[ε − x0 | z_t] on teacher-synthesised data — in both
-    the r = t target and the dF/dt tangent."""
+    the r = t target and the dF/dt tangent.
+
+    Causal student (AnyFlow-FAR): ``chunks`` (the latent frames of each chunk, summing to F) gives every chunk its
+    own (t, r) — t, r are (B, K), z_t is built per chunk, and dF/dt is taken along (v, 1 on every chunk's t), which
+    is each chunk's own derivative when chunk k's output depends on no other chunk's (z, t) (teacher forcing).
+    ``clean`` (B, ...) is passed with the rows of every call as a fifth argument ``u(z, t, r, text, clean)`` (FAR:
+    the clean context x0 of teacher forcing). Weights: λ per chunk (at the chunk's own unshifted draw — it reweights
+    the density of that draw), the adaptive weight per sample (on the sample's MSE over all frames, μ over r = t
+    samples) as in the bidirectional objective, to which this reduces exactly when all chunks share (t, r) (tested).
+    ``parts['per_chunk']`` (B, K): each chunk's MSE (detached)."""
     b = x0.shape[0]
     u_ng = u_nograd or u
-    ua, ub, udrop, eps = draw(x0, generator, sample_seeds)
+    k = 1 if chunks is None else len(chunks)
+    if chunks is not None and (sum(chunks) != x0.shape[2] or min(chunks) < 1):
+        raise ValueError(f"student.chunk_partition: {tuple(chunks)} must be positive and sum to the {x0.shape[2]} "
+                         "latent frames")
+    if chunks is not None and v_teacher is not None:
+        raise ValueError("stage1.velocity_target: 'teacher' is not supported for a chunked (FAR) student — the "
+                         "bidirectional teacher has no per-chunk times; use 'data'")
+    if clean is not None and clean.shape[0] != b:
+        raise ValueError(f"stage1_terms: clean has {clean.shape[0]} rows, x0 has {b}")
+    ctx = (lambda i: ()) if clean is None else (lambda i: (clean if i is None else clean[i],))
+    ua, ub, udrop, eps = draw(x0, generator, sample_seeds, k)
     times = sample_times(b, shift, s1.time_split, None, paradigm, global_offset, global_batch, uniforms=(ua, ub))
     t, r = times.t.to(x0.dtype), times.r.to(x0.dtype)
-    z = (1.0 - _b(t, x0)) * x0 + _b(t, x0) * eps
+    tb = _b(t, x0) if chunks is None else _frames(t, chunks, x0)  # broadcast over x0
+    rb = _b(r, x0) if chunks is None else _frames(r, chunks, x0)
+    z = (1.0 - tb) * x0 + tb * eps
     drop = udrop < s1.text_dropout
     neg = negative.to(text.dtype).expand(b, -1, -1)
     text = torch.where(_b(drop, text).bool(), neg, text)
@@ -196,26 +240,39 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     if bool(moving.any()):
         idx = moving.nonzero().squeeze(1)
         zm, tm, rm, vm, cm = z[idx], t[idx], r[idx], v[idx], text[idx]
-        dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm), zm, tm, vm, s1.derivative, s1.fd_eps)
-        target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), vm, tm, rm)
+        dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm, *ctx(idx)), zm, tm, vm, s1.derivative,
+                                s1.fd_eps)
+        target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), vm, tb[idx] if chunks else tm,
+                                      rb[idx] if chunks else rm)
 
-    pred_c = u(z, t, r, text)
+    pred_c = u(z, t, r, text, *ctx(None))
     guided = w != 1
     if bool(guided.any()):
         with torch.no_grad():
             u_unc = torch.zeros_like(pred_c)
             gi = guided.nonzero().squeeze(1)
-            u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi])
+            u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
         pred = fuse_guidance(pred_c, u_unc, w)
     else:
         pred = pred_c
-    per_sample = (pred - target.detach()).pow(2).flatten(1).mean(1)
-    lam = time_weight(times.s, s1.weighting).to(x0.dtype)
-    adapt = adaptive_weights(per_sample, times.kind, s1.adaptive_c)
-    loss = (lam * adapt * per_sample).mean()
-    parts = {"loss": float(loss.detach())}
-    for k, name in ((KIND_DIFFUSION, "mse_r_eq_t"), (KIND_CONSISTENCY, "mse_r_eq_0"), (KIND_FREE, "mse_free")):
-        sel = times.kind == k
+    parts = {}
+    if chunks is None:
+        per_sample = (pred - target.detach()).pow(2).flatten(1).mean(1)
+        lam = time_weight(times.s, s1.weighting).to(x0.dtype)
+        adapt = adaptive_weights(per_sample, times.kind, s1.adaptive_c)
+        loss = (lam * adapt * per_sample).mean()
+    else:
+        per_frame = (pred - target.detach()).pow(2).transpose(1, 2).flatten(2).mean(2)  # (B, F)
+        per_chunk = torch.stack([c.mean(1) for c in per_frame.split(list(chunks), dim=1)], 1)  # (B, K)
+        frac = torch.tensor([c / x0.shape[2] for c in chunks], dtype=x0.dtype)
+        per_sample = (per_chunk * frac).sum(1)
+        lam = time_weight(times.s, s1.weighting).to(x0.dtype)  # (B, K)
+        adapt = adaptive_weights(per_sample, times.kind, s1.adaptive_c)
+        loss = (adapt * (lam * per_chunk * frac).sum(1)).mean()
+        parts["per_chunk"] = per_chunk.detach()
+    parts = {"loss": float(loss.detach()), **parts}
+    for kd, name in ((KIND_DIFFUSION, "mse_r_eq_t"), (KIND_CONSISTENCY, "mse_r_eq_0"), (KIND_FREE, "mse_free")):
+        sel = times.kind == kd
         if bool(sel.any()):
             parts[name] = float(per_sample[sel].detach().mean())
     return Stage1Out(loss, parts)
@@ -229,9 +286,16 @@ def model_text_velocity(model) -> TextVelocityFn:
 
 def stage1_loss(model, cfg, batch, negative: torch.Tensor, generator: torch.Generator, global_offset: int = 0,
                 global_batch: Optional[int] = None) -> torch.Tensor:
-    """The full stage-1 loss of ``model``'s active adapter on a :class:`~anyflow.data.shards.Batch`."""
+    """The full stage-1 loss of ``model``'s active adapter on a :class:`~anyflow.data.shards.Batch` (a FAR student:
+    per-chunk (t, r) with clean-context teacher forcing, :func:`anyflow.models.far.far_stage1_velocity`)."""
+    from anyflow.models.far import far_stage1_velocity, is_far
     from anyflow.models.student import STUDENT, teacher_velocity
 
+    if is_far(model):
+        u, chunks = far_stage1_velocity(model)
+        return stage1_terms(u, batch.latents, batch.prompt_embeds, negative, cfg.stage1, cfg.student.paradigm,
+                            cfg.model.flow_shift, generator, global_offset, global_batch, chunks=chunks,
+                            clean=batch.latents).loss
     v_teacher = teacher_velocity(model, STUDENT) if cfg.stage1.velocity_target == "teacher" else None
     return stage1_terms(model_text_velocity(model), batch.latents, batch.prompt_embeds, negative, cfg.stage1,
                         cfg.student.paradigm, cfg.model.flow_shift, generator, global_offset, global_batch,

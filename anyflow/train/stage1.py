@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from anyflow.config import Config, Optim
+from anyflow.models.far import far_stage1_velocity, is_far
 from anyflow.models.student import STUDENT, adapter_parameters, set_trainable, student_velocity, teacher_velocity
 from anyflow.objectives.flowmap import stage1_terms
 from anyflow.train.common import (Ema, copy_params_, load_checkpoint, make_optimizer, save_checkpoint,
@@ -82,6 +83,9 @@ class FlowMapTrainer:
         self.velocity_target = velocity_target or s1.velocity_target
         if self.velocity_target not in ("data", "teacher"):
             raise ValueError(f"stage1.velocity_target: unknown {self.velocity_target!r} (data | teacher)")
+        if self.velocity_target == "teacher" and is_far(model):
+            raise ValueError("stage1.velocity_target: 'teacher' is not supported for student.architecture 'far' "
+                             "(the bidirectional teacher has no per-chunk times); use 'data'")
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         self.global_batch = batch_size or s1.batch_size
         world = self.acc.num_processes
@@ -113,13 +117,24 @@ class FlowMapTrainer:
         wrapped, bare = self.model, acc.unwrap_model(self.model)
         seeds = sample_seeds(self.seed, self.state.step, range(start, start + self.local_batch))
         with acc.autocast():
-            out = stage1_terms(lambda z, t, r, c: student_velocity(wrapped, z, t, r, c), x0, text, self.negative,
-                               cfg.stage1, cfg.student.paradigm, cfg.model.flow_shift, None, start,
-                               self.global_batch, seeds, lambda z, t, r, c: student_velocity(bare, z, t, r, c),
-                               teacher_velocity(bare, self.adapter) if self.velocity_target == "teacher" else None)
+            if is_far(bare):  # causal student: per-chunk (t, r), clean-context teacher forcing
+                u, chunks = far_stage1_velocity(wrapped, bare)
+                out = stage1_terms(u, x0, text, self.negative, cfg.stage1, cfg.student.paradigm,
+                                   cfg.model.flow_shift, None, start, self.global_batch, seeds,
+                                   far_stage1_velocity(bare)[0], chunks=chunks, clean=x0)
+            else:
+                out = stage1_terms(lambda z, t, r, c: student_velocity(wrapped, z, t, r, c), x0, text,
+                                   self.negative, cfg.stage1, cfg.student.paradigm, cfg.model.flow_shift, None,
+                                   start, self.global_batch, seeds,
+                                   lambda z, t, r, c: student_velocity(bare, z, t, r, c),
+                                   teacher_velocity(bare, self.adapter) if self.velocity_target == "teacher"
+                                   else None)
         self.opt.zero_grad(set_to_none=True)
         acc.backward(out.loss)
         parts = dict(out.parts)
+        per_chunk = parts.pop("per_chunk", None)
+        if per_chunk is not None:  # FAR: each chunk's MSE (local batch mean) as plain floats
+            parts.update({f"mse_chunk{k}": float(per_chunk[:, k].mean()) for k in range(per_chunk.shape[1])})
         if self.optim.grad_clip > 0:
             parts["grad_norm"] = float(acc.clip_grad_norm_(list(self.params.values()), self.optim.grad_clip))
         parts["lr"] = self.sched.get_last_lr()[0]

@@ -1,0 +1,190 @@
+"""Stage 1 for the causal student (issue 10): the same ``stage1_terms`` with per-chunk (t, r) and clean-context
+teacher forcing — reduction to the per-sample objective at shared times, per-chunk dF/dt, causality of the loss,
+gradient only on the LoRA adapter, the trainer (exact resume) and the FAR stage-1/gate entry points."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from anyflow.models.far import far_stage1_velocity, far_velocity
+from anyflow.models.student import adapter_parameters, add_lora, student_from_teacher
+from anyflow.objectives import flowmap as fm
+from conftest import make_tiny_wan
+from stage1_fixtures import CFG, dataset
+from test_far import FAR, randomise_lora
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+CHUNKS = (1, 2, 2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return make_tiny_wan()
+
+
+def far_student(teacher):
+    model = student_from_teacher(teacher, FAR)
+    torch.manual_seed(1)
+    add_lora(model, FAR)
+    randomise_lora(model)
+    return model
+
+
+def terms(model, x0, text, s1, seeds, chunks=CHUNKS):
+    u, _ = far_stage1_velocity(model)
+    return fm.stage1_terms(u, x0, text, torch.zeros(1, 8, 64), s1, "flowmap", 5.0, None, sample_seeds=seeds,
+                           chunks=chunks, clean=x0)
+
+
+S1 = replace(CFG.stage1, time_split=(0.25, 0.25, 0.5), text_dropout=0.3, guidance_scale=5.0)
+SEEDS = [11, 12, 13, 14, 15, 16, 17, 18]
+
+
+def test_chunked_draws_extend_the_per_sample_draws():
+    x0 = torch.zeros(4, 8, 5, 8, 8)
+    for seeds, gen in ((SEEDS[:4], None), (None, 1)):
+        a = fm.draw(x0, None if gen is None else torch.Generator().manual_seed(gen), seeds)
+        b = fm.draw(x0, None if gen is None else torch.Generator().manual_seed(gen), seeds, n_chunks=3)
+        assert b[0].shape == (4, 3) and torch.equal(b[0][:, 0], a[0]) and torch.equal(b[1][:, 0], a[1])
+        assert torch.equal(b[2], a[2]) and torch.equal(b[3], a[3])
+        assert float((b[0][:, 1:] - b[0][:, :1]).abs().min()) > 0  # the other chunks draw their own times
+    times = fm.sample_times(8, 5.0, (0.25, 0.25, 0.5), None, uniforms=(torch.rand(8, 3), torch.rand(8, 3)))
+    assert torch.equal(times.r[:2], times.t[:2]) and torch.equal(times.r[2:4], torch.zeros(2, 3))  # kind per sample
+    assert bool((times.r[4:] < times.t[4:]).all()) and float(times.t[4:].std(1).min()) > 0
+
+
+def test_shared_chunk_times_give_the_per_sample_objective(teacher, monkeypatch):
+    """With every chunk at the sample's (t, r), the chunked objective is the per-sample one (same velocity, same
+    clean context): same loss, parts and LoRA gradient; with its own per-chunk draws it is not."""
+    model = far_student(teacher)
+    data = dataset(8)
+    x0, text = data.latents, data.prompt_embeds
+    lora = adapter_parameters(model)
+
+    def run(chunks):
+        out = terms(model, x0, text, S1, SEEDS, chunks)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in lora.items()}
+        model.zero_grad(set_to_none=True)
+        return out, grads
+
+    own, _ = run(CHUNKS)
+    real_draw = fm.draw
+
+    def shared(x, g, seeds, n_chunks=1):
+        ua, ub, ud, eps = real_draw(x, g, seeds, n_chunks)
+        return (ua[:, :1].expand_as(ua), ub[:, :1].expand_as(ub), ud, eps) if n_chunks > 1 else (ua, ub, ud, eps)
+
+    monkeypatch.setattr(fm, "draw", shared)
+    per_chunk, g_chunk = run(CHUNKS)
+    per_sample, g_sample = run(None)
+    assert {"mse_r_eq_t", "mse_r_eq_0", "mse_free"} <= set(per_sample.parts)
+    for key in ("mse_r_eq_t", "mse_r_eq_0", "mse_free"):
+        assert per_chunk.parts[key] == pytest.approx(per_sample.parts[key], rel=1e-5)
+    torch.testing.assert_close(per_chunk.loss, per_sample.loss, rtol=1e-5, atol=0)
+    for n in lora:
+        torch.testing.assert_close(g_chunk[n], g_sample[n], rtol=1e-4, atol=1e-7)
+    assert abs(float(own.loss) - float(per_sample.loss)) > 1e-3 * float(per_sample.loss)
+
+
+def test_teacher_forced_total_derivative_is_per_chunk(teacher):
+    """dF/dt along (v, 1 on every chunk's t) equals, on chunk k, the derivative moving chunk k alone (and moving
+    chunk k alone moves no other chunk)."""
+    model = far_student(teacher)
+    g = torch.Generator().manual_seed(2)
+    z, x0, v = (torch.randn(2, 8, 5, 8, 8, generator=g) for _ in range(3))
+    text = torch.randn(2, 8, 64, generator=g)
+    t, r = torch.tensor([[0.9, 0.6, 0.4], [0.7, 0.8, 0.3]]), torch.tensor([[0.2, 0.0, 0.1], [0.5, 0.1, 0.0]])
+    u = lambda zz, tt: far_velocity(model, zz, tt, r, text, CHUNKS, clean=x0)  # noqa: E731
+    joint = fm.total_derivative(u, z, t, v, "jvp")
+    assert float(joint.abs().max()) > 1e-2
+    for k, (lo, hi) in enumerate(((0, 1), (1, 3), (3, 5))):
+        vk, ones = torch.zeros_like(v), torch.zeros_like(t)
+        vk[:, :, lo:hi], ones[:, k] = v[:, :, lo:hi], 1.0
+        with torch.no_grad():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                alone = torch.func.jvp(u, (z, t), (vk, ones))[1]
+        torch.testing.assert_close(alone[:, :, lo:hi], joint[:, :, lo:hi], rtol=0, atol=1e-5)
+        outside = torch.cat([alone[:, :, :lo], alone[:, :, hi:]], dim=2)
+        assert float(outside.abs().sum()) == 0  # teacher forcing: no other chunk moves with chunk k
+
+
+def test_loss_is_causal_and_trains_only_the_adapter(teacher):
+    """Changing a later chunk's latents leaves every earlier chunk's loss term unchanged (and changes its own);
+    the loss gradient reaches only the LoRA adapter."""
+    model = far_student(teacher)
+    data = dataset(8)
+    x0, text = data.latents, data.prompt_embeds
+    base = terms(model, x0, text, S1, SEEDS)
+    base.loss.backward()
+    lora = adapter_parameters(model)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in lora)
+    assert all(p.grad is None for p in teacher.parameters())
+    model.zero_grad(set_to_none=True)
+    pc = base.parts["per_chunk"]
+    assert pc.shape == (8, 3) and float(pc.min()) > 0
+    with torch.no_grad():
+        for k, lo in ((1, 1), (2, 3)):
+            x2 = x0.clone()
+            x2[:, :, lo:] += torch.randn_like(x2[:, :, lo:])
+            other = terms(model, x2, text, S1, SEEDS).parts["per_chunk"]
+            torch.testing.assert_close(other[:, :k], pc[:, :k], rtol=0, atol=1e-7)
+            assert float((other[:, k:] - pc[:, k:]).abs().min()) > 1e-6
+        # ...while an earlier chunk's clean latents reach the later chunks' terms
+        x3 = x0.clone()
+        x3[:, :, :1] += 1.0
+        assert float((terms(model, x3, text, S1, SEEDS).parts["per_chunk"][:, 1:] - pc[:, 1:]).abs().min()) > 0
+
+
+def test_stage1_loss_and_teacher_target_for_far(teacher):
+    from anyflow.objectives.flowmap import stage1_loss
+
+    model = far_student(teacher)
+    cfg = replace(CFG, student=FAR)
+    data = dataset(4)
+    loss = stage1_loss(model, cfg, data, torch.zeros(1, 8, 64), torch.Generator().manual_seed(0))
+    u, chunks = far_stage1_velocity(model)
+    ref = fm.stage1_terms(u, data.latents, data.prompt_embeds, torch.zeros(1, 8, 64), cfg.stage1, "flowmap",
+                          cfg.model.flow_shift, torch.Generator().manual_seed(0), chunks=chunks, clean=data.latents)
+    assert torch.equal(loss, ref.loss)
+    with pytest.raises(ValueError, match="velocity_target"):
+        fm.stage1_terms(u, data.latents, data.prompt_embeds, torch.zeros(1, 8, 64), cfg.stage1, "flowmap", 5.0,
+                        None, chunks=chunks, clean=data.latents, v_teacher=lambda z, t, c: z)
+    with pytest.raises(ValueError, match="chunk_partition"):
+        fm.stage1_terms(u, data.latents, data.prompt_embeds, torch.zeros(1, 8, 64), cfg.stage1, "flowmap", 5.0,
+                        None, chunks=(1, 2), clean=data.latents)
+
+
+def test_far_trainer_resumes_exactly(teacher, tmp_path):
+    """FlowMapTrainer on the FAR student: 4 steps straight = 2 steps, 'crash', resume, 2 steps; per-chunk MSEs are
+    logged; velocity_target teacher is refused."""
+    from stage1_fixtures import make_trainer
+
+    cfg = replace(CFG, student=FAR)
+    straight = make_trainer(tmp_path / "a", cfg, teacher)
+    straight.train(4, progress=False)
+    first = make_trainer(tmp_path / "b", cfg, teacher)
+    first.train(4, progress=False, stop_after=2)
+    first.save_checkpoint()
+    second = make_trainer(tmp_path / "b", cfg, teacher)
+    assert second.maybe_resume() and second.state.step == 2
+    second.train(4, progress=False)
+    for n, p in straight.params.items():
+        assert torch.equal(p, second.params[n]), n
+    row = straight.state.history[-1]
+    assert {"mse_chunk0", "mse_chunk1", "mse_chunk2"} <= set(row) and isinstance(row["mse_chunk0"], float)
+    assert straight.state.history[0]["loss"] != straight.state.history[-1]["loss"]
+    with pytest.raises(ValueError, match="velocity_target"):
+        make_trainer(tmp_path / "c", replace(cfg, stage1=replace(cfg.stage1, velocity_target="teacher")), teacher)
