@@ -301,3 +301,23 @@ def test_teacher_forcing_is_what_generation_shows_each_chunk(teacher):
         x2[:, :, :1] += 1.0  # the clean context does enter later chunks
         assert float((far_velocity(model, z, t_k, r_k, text, clean=x2)[:, :, 1:] - tf[:, :, 1:]).abs().max()) > 1e-3
         assert float((far_velocity(model, z, t_k, r_k, text) - tf)[:, :, 1:].abs().max()) > 1e-3  # ≠ noisy context
+
+
+@pytest.mark.parametrize("scfg", [FAR, FAR_COMPRESSED], ids=["full", "compressed"])
+def test_broadcast_dense_mask_equals_torch_create_mask(teacher, scfg):
+    """_dense_mask evaluates diffusers' mask_mod on broadcast index grids; it equals torch's vmapped create_mask
+    for every layout the FAR model builds (rollout with and without clean context, cache write)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from anyflow.models.far import _dense_mask
+
+    model = student(teacher, scfg, lora=False)
+    for mode, clean in (("train", False), ("train", True), ("cache", False)):
+        bm = model.build_attention_mask(chunk_partition=[1, 2, 2], height=8, width=8, has_clean_context=clean,
+                                        mode=mode)
+        q, kv = bm.seq_lengths
+        ref = create_mask(bm.mask_mod, None, None, q, kv, "cpu")
+        n = q - 7  # a length inside the padding
+        ours = _dense_mask(bm, n, n, "cpu")
+        assert ours.shape == (1, 1, n, n) and 0 < int(ours.sum()) < n * n
+        assert torch.equal(ours, ref[:, :, :n, :n]), (mode, clean)

@@ -188,3 +188,25 @@ def test_far_trainer_resumes_exactly(teacher, tmp_path):
     assert straight.state.history[0]["loss"] != straight.state.history[-1]["loss"]
     with pytest.raises(ValueError, match="velocity_target"):
         make_trainer(tmp_path / "c", replace(cfg, stage1=replace(cfg.stage1, velocity_target="teacher")), teacher)
+
+
+def test_stage1_stage_routes_far(teacher):
+    """anyflow stage1 for FAR: own output name, r = t identity on the first chunk at LoRA init, evaluation samples
+    with far_generate (N steps per chunk)."""
+    from anyflow.data.shards import Batch
+    from anyflow.models.far import far_generate
+    from anyflow.stages.stage1 import output_name, sample_student, teacher_identity_error
+
+    assert output_name("flowmap", "far") == "far_stage1" and output_name("flowmap") == "stage1"
+    assert output_name("consistency", "far") == "far_stage1_consistency"
+    data = dataset(2)
+    data = Batch(latents=data.latents, noise=data.noise, prompt_embeds=data.prompt_embeds, prompts=data.prompts,
+                 index=data.index)
+    fresh = student_from_teacher(teacher, FAR)
+    add_lora(fresh, FAR)
+    assert teacher_identity_error(fresh, teacher, data) < 1e-5
+    model = far_student(teacher)
+    assert teacher_identity_error(model, teacher, data) > 1e-3  # the check can fail
+    x = sample_student(model, "flowmap", data.noise, data.prompt_embeds, 3, 5.0)
+    torch.testing.assert_close(x, far_generate(model, data.noise, data.prompt_embeds, 3, 5.0), rtol=0, atol=0)
+    assert float((x - sample_student(model, "flowmap", data.noise, data.prompt_embeds, 1, 5.0)).abs().max()) > 1e-3

@@ -13,6 +13,11 @@ instantaneous field used as a flow map, i.e. the teacher's N-step Euler solver w
 sampled at N ∈ {1, 2, 4, 8, 16} from the shards' own noises and prompts, against the teacher's 50-step samples of
 the same noises at the guidance fused into the student (``stage1.guidance_scale``; the shard latents themselves when
 they were synthesised at that scale) (``anyflow.eval.latent_stats``: ``paired_mse``, ``latent_fd``, ``channel_fd``; lower is better).
+
+``--set student.architecture=far`` trains the causal student (AnyFlow-FAR: per-chunk (t, r), clean-context
+teacher forcing, :func:`anyflow.models.far.far_stage1_velocity`) into ``artifacts/far_stage1`` (metrics
+``far_stage1.json``, plot ``far_stage1_loss.csv``, checkpoints ``checkpoints/far_stage1``); its evaluation samples
+chunk by chunk with the KV cache, N steps per chunk (:func:`sample_student`).
 """
 
 from __future__ import annotations
@@ -52,16 +57,33 @@ class Stage1Outputs:
 
 
 def teacher_identity_error(model, teacher, data, n: int = 2) -> float:
-    """max |student(z, t, r = t) − teacher(z, t)| on shard latents — 0 up to rounding at LoRA init."""
+    """max |student(z, t, r = t) − teacher(z, t)| on shard latents — 0 up to rounding at LoRA init. A FAR student
+    equals the teacher only where it sees nothing else: its first chunk, alone."""
     import torch
 
+    from anyflow.models.far import far_velocity, is_far
     from anyflow.models.student import student_velocity
 
     z, text = data.noise[:n], data.prompt_embeds[:n]
     t = torch.linspace(0.9, 0.2, z.shape[0])
     with torch.no_grad():
+        if is_far(model):
+            z = z[:, :, :model.config.chunk_partition[0]]
+            ref = teacher(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+            return float((far_velocity(model, z, t, t, text, [z.shape[2]]) - ref).abs().max())
         ref = teacher(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
         return float((student_velocity(model, z, t, t, text) - ref).abs().max())
+
+
+def sample_student(model, paradigm: str, noise, prompt_embeds, num_steps: int, shift: float, generator=None):
+    """N-step samples of a student from ``noise``: bidirectional through :func:`anyflow.sampling.sample`, a FAR
+    student chunk by chunk with the KV cache (:func:`anyflow.models.far.far_generate`, N steps per chunk)."""
+    from anyflow.models.far import far_generate, is_far
+    from anyflow.sampling import model_velocity, sample
+
+    if is_far(model):
+        return far_generate(model, noise, prompt_embeds, num_steps, shift, paradigm=paradigm, generator=generator)
+    return sample(paradigm, model_velocity(model, prompt_embeds), noise, num_steps, shift, generator)
 
 
 def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVAL_STEPS, batch: int = 16,
@@ -72,7 +94,6 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
 
     from anyflow.eval.latent_stats import distribution_metrics
     from anyflow.models.student import adapter_parameters
-    from anyflow.sampling import model_velocity, sample
 
     params = adapter_parameters(model)
     m = min(num_samples, data.latents.shape[0])
@@ -88,18 +109,20 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
                 xs = []
                 for i in range(0, m, batch):
                     g = torch.Generator().manual_seed(cfg.stage1.seed + i)
-                    u = model_velocity(model, data.prompt_embeds[i:min(m, i + batch)])
-                    xs.append(sample(cfg.student.paradigm, u, data.noise[i:min(m, i + batch)], num,
-                                     cfg.model.flow_shift, g))
+                    xs.append(sample_student(model, cfg.student.paradigm, data.noise[i:min(m, i + batch)],
+                                             data.prompt_embeds[i:min(m, i + batch)], num, cfg.model.flow_shift, g))
                 out[name][f"N{num}"] = distribution_metrics(torch.cat(xs), ref, ref)
         for n, p in params.items():
             p.copy_(saved[n])
     return out
 
 
-def output_name(paradigm: str) -> str:
-    """``stage1`` for the any-step student, ``stage1_consistency`` for the consistency baseline."""
-    return "stage1" if paradigm == "flowmap" else f"stage1_{paradigm}"
+def output_name(paradigm: str, architecture: str = "bidirectional") -> str:
+    """``stage1`` for the any-step student, ``stage1_consistency`` for the consistency baseline; a causal student
+    (``student.architecture: far``) gets the prefix ``far_`` (``far_stage1``: artifacts, metrics, plots and
+    checkpoints of its own beside the bidirectional ones, reading the same teacher and data)."""
+    name = "stage1" if paradigm == "flowmap" else f"stage1_{paradigm}"
+    return name if architecture == "bidirectional" else f"{architecture}_{name}"
 
 
 def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fresh: bool = False,
@@ -136,7 +159,7 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
         return Batch(latents=data.latents[idx], noise=data.noise[idx], prompt_embeds=data.prompt_embeds[idx],
                      prompts=[data.prompts[int(i)] for i in idx], index=idx)
 
-    name = output_name(cfg.student.paradigm)
+    name = output_name(cfg.student.paradigm, cfg.student.architecture)
     ckpt_dir = paths.ckpt(name)
     if fresh and (ckpt_dir / "last.pt").exists():
         (ckpt_dir / "last.pt").unlink()
@@ -155,7 +178,10 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
 
     out_dir = paths.root / name
     adapter_path, ema_path = out_dir / "adapter.safetensors", out_dir / "ema_adapter.safetensors"
-    meta = {"steps": trainer.state.step, "paradigm": cfg.student.paradigm, "lora_rank": cfg.student.lora_rank}
+    meta = {"steps": trainer.state.step, "paradigm": cfg.student.paradigm, "lora_rank": cfg.student.lora_rank,
+            "architecture": cfg.student.architecture}
+    if cfg.student.architecture == "far":
+        meta["chunk_partition"] = ",".join(str(c) for c in cfg.student.chunk_partition)
     ema = trainer.ema_state()
     save_adapter(model, adapter_path, STUDENT, metadata=meta)
     save_adapter(model, ema_path, STUDENT, state=state_to_peft_keys(model, ema), metadata=meta)
@@ -169,14 +195,16 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     eval_seconds = time.perf_counter() - t_eval
     hist = trainer.state.history
     tail = hist[-max(1, len(hist) // 10):]
-    write_loss_csv(paths.plots / f"{name}_loss.csv", hist, LOSS_COLUMNS)
+    chunk_cols = sorted({k for row in hist for k in row if k.startswith("mse_chunk")})
+    write_loss_csv(paths.plots / f"{name}_loss.csv", hist, LOSS_COLUMNS + chunk_cols)
     metrics = {
         "steps": trainer.state.step,
         "resumed": resumed,
         "paradigm": cfg.student.paradigm,
         "derivative": s1.derivative,
+        "architecture": cfg.student.architecture,
         "final": {k: sum(r.get(k, 0.0) for r in tail) / len(tail) for k in ("loss", "mse_r_eq_t", "mse_r_eq_0",
-                                                                            "mse_free")},
+                                                                            "mse_free", *chunk_cols)},
         "seconds": {"train": train_seconds, "eval": eval_seconds, "total": time.perf_counter() - t_start,
                     "per_step": train_seconds / max(1, len(hist))},
         "teacher_identity_max_abs_error": teacher_err,
@@ -185,7 +213,9 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
                              "student. Reference: the teacher's 50-step samples of the same noises at CFG "
                              f"{s1.guidance_scale:g} (the fused guidance). paired_mse vs the sample of the same "
                              "noise; latent_fd / channel_fd: Fréchet distances of latent statistics over the "
-                             "evaluated set. Lower is better.",
+                             "evaluated set. Lower is better." + (" FAR: N steps per chunk, chunk by chunk with "
+                                                                  "the KV cache (far_generate)."
+                                                                  if cfg.student.architecture == "far" else ""),
     }
     metrics_path = write_json(paths.metric(name), metrics)
     trainer.clear_checkpoint()  # finished: a later run starts from the outputs, not a stale checkpoint
