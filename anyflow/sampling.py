@@ -8,7 +8,8 @@
 * :func:`consistency_sample` — the consistency baseline (``paradigm: consistency``, rCM / Self-Forcing style):
   predict x0 with ``u(z, τ_i, 0)``, re-noise to τ_{i+1} with fresh noise. Its quality does not keep rising with N,
   which is the comparison the paper's Fig. 1 makes.
-* :func:`sample` — dispatch on ``student.paradigm``.
+* :func:`sample` — dispatch on ``student.paradigm``; :func:`sample_student` — a student model's N-step samples
+  (a causal FAR student chunk by chunk with the KV cache, N steps per chunk: :func:`anyflow.models.far.far_generate`).
 
 Velocity callables take (z (B, C, F, H, W), t (B,), r (B,)) in [0, 1]; :func:`model_velocity` builds one from a
 student model and text embeddings.
@@ -92,3 +93,17 @@ def sample(paradigm: str, u: VelocityFn, noise: torch.Tensor, num_steps: int, sh
     if paradigm == "consistency":
         return consistency_sample(u, noise, num_steps, shift, generator, progress)
     raise ValueError(f"student.paradigm: unknown {paradigm!r} (flowmap | consistency)")
+
+
+def sample_student(model, paradigm: str, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_steps: int,
+                   shift: float, generator: Optional[torch.Generator] = None,
+                   chunk_partition=None) -> torch.Tensor:
+    """N-step samples of a student from ``noise``: bidirectional through :func:`sample`, a FAR student chunk by chunk
+    with the KV cache (:func:`anyflow.models.far.far_generate`, N steps per chunk; ``chunk_partition`` overrides
+    the model's, e.g. for videos longer than training)."""
+    from anyflow.models.far import far_generate, is_far
+
+    if is_far(model):
+        return far_generate(model, noise, prompt_embeds, num_steps, shift, chunk_partition=chunk_partition,
+                            paradigm=paradigm, generator=generator)
+    return sample(paradigm, model_velocity(model, prompt_embeds), noise, num_steps, shift, generator)

@@ -195,7 +195,8 @@ def test_stage1_stage_routes_far(teacher):
     with far_generate (N steps per chunk)."""
     from anyflow.data.shards import Batch
     from anyflow.models.far import far_generate
-    from anyflow.stages.stage1 import output_name, sample_student, teacher_identity_error
+    from anyflow.sampling import sample_student
+    from anyflow.stages.stage1 import output_name, teacher_identity_error
 
     assert output_name("flowmap", "far") == "far_stage1" and output_name("flowmap") == "stage1"
     assert output_name("consistency", "far") == "far_stage1_consistency"
@@ -210,3 +211,69 @@ def test_stage1_stage_routes_far(teacher):
     x = sample_student(model, "flowmap", data.noise, data.prompt_embeds, 3, 5.0)
     torch.testing.assert_close(x, far_generate(model, data.noise, data.prompt_embeds, 3, 5.0), rtol=0, atol=0)
     assert float((x - sample_student(model, "flowmap", data.noise, data.prompt_embeds, 1, 5.0)).abs().max()) > 1e-3
+
+
+def test_long_partition_and_architecture_metadata(tmp_path, teacher):
+    from anyflow.models.student import save_adapter
+    from anyflow.stages.gate import architecture_of, long_partition
+
+    assert long_partition([1, 2, 2]) == [1, 2, 2, 2, 2]  # 5 → 9 latent frames: 9 → 17 pixel frames (t = 2)
+    assert long_partition([1, 3, 3]) == [1, 3, 3, 3, 3] and sum(long_partition([1, 3, 3], 3)) >= 19
+    model = far_student(teacher)
+    old = save_adapter(model, tmp_path / "old.safetensors", metadata={"paradigm": "flowmap"})
+    far = save_adapter(model, tmp_path / "far.safetensors", metadata={"architecture": "far"})
+    assert architecture_of(old) == "bidirectional" and architecture_of(far) == "far"
+    bad = save_adapter(model, tmp_path / "bad.safetensors", metadata={"architecture": "causal"})
+    with pytest.raises(ValueError, match="architecture"):
+        architecture_of(bad)
+
+
+@pytest.mark.slow
+def test_gate_scores_a_far_adapter_beside_a_bidirectional_one(toy_teacher_dir, tmp_path):
+    """One gate report: the FAR candidate (chunk by chunk, N per chunk) and a bidirectional baseline built from
+    their adapters' metadata on the same noises; the FAR drift check on twice the length; --report-only exits 0
+    on a failing verdict. A FAR student whose single chunk spans the clip at zero LoRA is the teacher's field like
+    the bidirectional one: identical scores (the routing changes nothing it should not)."""
+    import os
+
+    from anyflow.config import GatePolicy
+    from anyflow.models.student import load_student, save_adapter
+    from anyflow.models.teacher import load_teacher
+    from anyflow.stages import gate
+
+    cfg, teacher_path = toy_teacher_dir
+    wan = load_teacher(teacher_path).transformer
+    one_chunk = replace(cfg.student, architecture="far", chunk_partition=(5,), full_chunk_limit=3)
+    pol = GatePolicy(total_tolerance=-1.0, monotone_tolerance=0.01, monotone_from_nfe=2, semantic_floors={})
+    cfg = replace(cfg, student=one_chunk, gate=replace(cfg.gate, nfes=(1, 4), teacher_steps=8, num_prompts=2,
+                                                       seeds_per_prompt=2, num_previews=1, policy=pol))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        (tmp_path / "artifacts").mkdir()
+        os.symlink(teacher_path, tmp_path / "artifacts/teacher")
+        save_adapter(load_student(wan, one_chunk), tmp_path / "far.safetensors",
+                     metadata={"architecture": "far", "paradigm": "flowmap"})
+        save_adapter(load_student(wan, replace(one_chunk, architecture="bidirectional")), tmp_path / "bi.safetensors",
+                     metadata={"paradigm": "flowmap"})
+        args = type("A", (), dict(candidate="far.safetensors", paradigm=None, compare=["bi.safetensors"],
+                                  out="far_gate", no_progress=True, drift_nfes=[2], report_only=True))
+        code = gate.main(cfg, args)
+    finally:
+        os.chdir(cwd)
+    from anyflow.utils.io import read_json
+
+    report = read_json(tmp_path / "artifacts/far_gate/report.json")
+    metrics = read_json(tmp_path / "metrics/far_gate.json")
+    assert code == 0 and not report["passed"] and not metrics["passed"]
+    far, (bi,) = report["candidate"], report["baselines"].values()
+    assert far["architecture"] == "far" and bi["architecture"] == "bidirectional"
+    for n in ("1", "4"):
+        assert far["by_nfe"][n]["total"] == pytest.approx(bi["by_nfe"][n]["total"], abs=1e-6)
+        assert far["by_nfe"][n]["fidelity"]["latent_distance"] == pytest.approx(
+            bi["by_nfe"][n]["fidelity"]["latent_distance"], rel=1e-4)
+    d = far["drift"]["2"]
+    assert d["chunk_partition"] == [5, 5] and d["frames"] == 19 and "drift" not in bi  # ≥ 2·(5 − 1) + 1 latents
+    assert 0 < d["first"]["total"] <= 1 and 0 < d["last"]["total"] <= 1 and d["seconds_per_chunk"] > 0
+    assert d["delta_total"] == pytest.approx(d["last"]["total"] - d["first"]["total"])
+    assert metrics["drift"]["candidate"]["2"]["delta"] == pytest.approx(d["delta_total"])

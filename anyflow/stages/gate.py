@@ -17,6 +17,13 @@ Outputs (``--out NAME``, default ``gate``; the directory is swapped in atomicall
 exit code): ``artifacts/<NAME>/{report.json, summary.md, step_scaling.png, previews/grid.{gif,mp4,png}}``,
 ``metrics/<NAME>.json`` (``passed``, ``failed``, Totals) and ``plots/<NAME>_steps.csv``. Exit 1 names the failed
 criteria; nothing is promoted from a failed gate (export copies the verdict into the release manifest).
+
+Causal students (AnyFlow-FAR): every adapter is built for the architecture in its metadata, so a FAR candidate
+(``--candidate artifacts/far_stage1/ema_adapter.safetensors``) and bidirectional baselines (``--compare``) are
+scored in one report on the same noises and prompts; a FAR student samples chunk by chunk with the KV cache, N steps
+per chunk (NFE is per chunk). FAR entries also get ``drift``: videos twice the training length (``long_partition``)
+at ``--drift-nfes``, the Total of the first and the last training-length window of frames and the per-chunk latent
+RMS. ``--report-only`` writes everything and exits 0 whatever the verdict (the FAR sub-pipeline promotes nothing).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from anyflow.utils.io import atomic_dir, atomic_write_text, write_json
 log = logging.getLogger(__name__)
 
 BATCH = 16
+DRIFT_NFES = (4, 16)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="append", default=[], metavar="ADAPTER",
                    help="also evaluate this adapter (same choices as --candidate) as a baseline; repeatable")
     p.add_argument("--out", default="gate", help="output name: artifacts/<out>, metrics/<out>.json (default gate)")
+    p.add_argument("--drift-nfes", type=int, nargs="*", default=list(DRIFT_NFES),
+                   help="FAR adapters: NFEs per chunk of the drift check on videos twice the training length "
+                        "(none: skip)")
+    p.add_argument("--report-only", action="store_true",
+                   help="exit 0 whatever the verdict (a report, not a gate: nothing downstream is promoted)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -64,6 +77,59 @@ def paradigm_of(adapter: Path, cfg: Config, override: Optional[str] = None) -> s
     if p not in ("flowmap", "consistency"):
         raise ValueError(f"{adapter}: metadata paradigm {p!r} is not flowmap | consistency")
     return p
+
+
+def architecture_of(adapter: Path) -> str:
+    """The student architecture an adapter was trained for (metadata ``architecture``; adapters written before the
+    causal student existed carry none and are bidirectional)."""
+    from anyflow.models.student import adapter_metadata
+
+    a = adapter_metadata(adapter).get("architecture", "bidirectional")
+    if a not in ("bidirectional", "far"):
+        raise ValueError(f"{adapter}: metadata architecture {a!r} is not bidirectional | far")
+    return a
+
+
+def long_partition(partition, factor: int = 2) -> list[int]:
+    """A chunk partition for videos ``factor`` times the training length: the training chunks after the first
+    repeated until the latent frames reach at least ``factor·(F − 1) + 1`` (pixel frames ≈ factor × training)."""
+    partition = list(partition)
+    target = factor * (sum(partition) - 1) + 1
+    tail, out, i = partition[1:] or partition, list(partition), 0
+    while sum(out) < target:
+        out.append(tail[i % len(tail)])
+        i += 1
+    return out
+
+
+def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition, num_frames: int, specs, decode,
+          seed: int) -> dict:
+    """FAR drift: videos twice the training length (:func:`long_partition`), chunk by chunk with the KV cache;
+    the toy VBench-style Total of the first and of the last training-length window of pixel frames, and the
+    per-chunk RMS of the latents (a collapsing or exploding tail shows there first)."""
+    import torch
+
+    from anyflow.eval import vbench_like
+    from anyflow.sampling import sample_student
+
+    noise = noise_fn(sum(partition))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x = torch.cat([sample_student(model, paradigm, noise[i:i + BATCH], emb[i:i + BATCH], nfe, shift,
+                                      torch.Generator().manual_seed(seed + i), chunk_partition=partition)
+                       for i in range(0, noise.shape[0], BATCH)])
+    seconds = time.perf_counter() - t0
+    frames = decode(x)  # (B, F, H, W, 3)
+    out = {"nfe": nfe, "chunk_partition": partition, "frames": int(frames.shape[1]), "sampling_seconds": seconds,
+           "seconds_per_chunk": seconds / (-(-noise.shape[0] // BATCH) * len(partition)), "batch": BATCH}
+    for name, window in (("first", frames[:, :num_frames]), ("last", frames[:, -num_frames:])):
+        scored = vbench_like.score_videos(list(window), specs)
+        agg = vbench_like.aggregate(scored["dimensions"])
+        out[name] = {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"]}
+    out["delta_total"] = out["last"]["total"] - out["first"]["total"]
+    bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
+    out["chunk_rms"] = [float(x[:, :, a:b].pow(2).mean().sqrt()) for a, b in zip(bounds, bounds[1:])]
+    return out
 
 
 def _batched(fn, n: int, progress, desc: str):
@@ -103,8 +169,12 @@ def real_vbench(frames, specs, root: Path, name: str, fps: int, device: str) -> 
 
 
 def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
-        out_name: str = "gate", progress: bool = True) -> dict:
-    """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``)."""
+        out_name: str = "gate", progress: bool = True, drift_nfes: tuple[int, ...] = DRIFT_NFES) -> dict:
+    """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``). Adapters are
+    built for the architecture in their metadata (a FAR adapter samples chunk by chunk with the KV cache, N steps
+    per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length)."""
+    from dataclasses import replace
+
     import torch
     from tqdm.auto import tqdm
 
@@ -114,7 +184,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     from anyflow.models.student import load_student
     from anyflow.models.teacher import (decode_latents, encode_prompts, latent_shape, load_teacher,
                                         negative_embeds, teacher_ode_sample)
-    from anyflow.sampling import model_velocity, sample
+    from anyflow.sampling import sample_student
 
     t_start = time.perf_counter()
     if not torch.cuda.is_available():
@@ -128,6 +198,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
         adapters[name if name not in adapters else f"{name}_{len(adapters)}"] = path
     paradigms = {name: paradigm_of(path, cfg, paradigm if name == "student" else None)
                  for name, path in adapters.items()}
+    archs = {name: architecture_of(path) for name, path in adapters.items()}
 
     if cfg.model.source == "local":
         # the offline scorers read toy ground truth (shape colour/direction on a known background); judging Wan2.1
@@ -163,13 +234,13 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     previews = {f"teacher {teacher['nfe']}": frames_teacher[:g.num_previews]}
     results: dict = {}
     for name, path in adapters.items():
-        model = load_student(pipe.transformer, cfg.student, path)
+        model = load_student(pipe.transformer, replace(cfg.student, architecture=archs[name]), path)
         by_nfe = {}
         for nfe in g.nfes:
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = _batched(lambda i, j: sample(paradigms[name], model_velocity(model, emb[i:j]), noise[i:j], nfe,
-                                                 shift, torch.Generator().manual_seed(g.seed + 1000 * nfe + i)),
+                x = _batched(lambda i, j: sample_student(model, paradigms[name], noise[i:j], emb[i:j], nfe, shift,
+                                                         torch.Generator().manual_seed(g.seed + 1000 * nfe + i)),
                              n, bar, f"{name} N={nfe}")
             sampling = time.perf_counter() - t0
             frames = decode(x)
@@ -181,7 +252,15 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
                                                          "cuda" if torch.cuda.is_available() else "cpu")
             if name == "student":
                 previews[f"N={nfe}"] = frames[:g.num_previews]
-        results[name] = {"adapter": str(path), "paradigm": paradigms[name], "by_nfe": by_nfe}
+        results[name] = {"adapter": str(path), "paradigm": paradigms[name], "architecture": archs[name],
+                         "by_nfe": by_nfe}
+        if archs[name] == "far" and drift_nfes:
+            partition = long_partition(model.config.chunk_partition)
+            noise_fn = lambda f: torch.randn((n, noise.shape[1], f, *noise.shape[3:]),  # noqa: E731
+                                             generator=torch.Generator().manual_seed(g.seed + 7))
+            results[name]["drift"] = {str(k): drift(model, paradigms[name], noise_fn, emb, k, shift, partition,
+                                                    cfg.video.num_frames, specs, decode, g.seed + 2000 * k)
+                                      for k in drift_nfes}
         del model
     bar.close()
 
@@ -216,7 +295,11 @@ def metrics_of(report: dict) -> dict:
             "latent_distance": {n: r["fidelity"]["latent_distance"] for n, r in entry["by_nfe"].items()}}
 
     t = report["teacher"]
-    return {"passed": report["passed"], "failed": report["failed"],
+    drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
+                        "seconds_per_chunk": d["seconds_per_chunk"]} for n, d in entry["drift"].items()}
+             for name, entry in [("candidate", report["candidate"]), *report["baselines"].items()]
+             if entry.get("drift")}
+    return {"passed": report["passed"], "failed": report["failed"], **({"drift": drift} if drift else {}),
             "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"]},
             "candidate": {"paradigm": report["candidate"]["paradigm"], **series(report["candidate"])},
             "baselines": {k: {"paradigm": v["paradigm"], **series(v)} for k, v in report["baselines"].items()},
@@ -224,14 +307,18 @@ def metrics_of(report: dict) -> dict:
 
 
 def main(cfg: Config, args) -> int:
-    report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress)
+    report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress,
+                 tuple(getattr(args, "drift_nfes", DRIFT_NFES)))
     t = report["teacher"]
     print(f"teacher {t['nfe']} NFE: Total {t['total']:.4f} (semantic {t['semantic']:.3f})")
     for name, entry in [("student", report["candidate"]), *report["baselines"].items()]:
         row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in entry["by_nfe"].items())
-        print(f"{name} ({entry['paradigm']}) Total by NFE  {row}")
+        print(f"{name} ({entry['paradigm']}, {entry.get('architecture', 'bidirectional')}) Total by NFE  {row}")
+        for nfe, d in (entry.get("drift") or {}).items():
+            print(f"  drift @{nfe}/chunk, {d['frames']} frames: first window {d['first']['total']:.4f}, last "
+                  f"{d['last']['total']:.4f} (Δ {d['delta_total']:+.4f}), {d['seconds_per_chunk']:.3f} s/chunk")
     if report["passed"]:
         print(f"gate PASSED ({len(report['criteria'])} criteria)")
         return 0
     print("gate FAILED: " + ", ".join(report["failed"]))
-    return 1
+    return 0 if getattr(args, "report_only", False) else 1

@@ -17,7 +17,7 @@ they were synthesised at that scale) (``anyflow.eval.latent_stats``: ``paired_ms
 ``--set student.architecture=far`` trains the causal student (AnyFlow-FAR: per-chunk (t, r), clean-context
 teacher forcing, :func:`anyflow.models.far.far_stage1_velocity`) into ``artifacts/far_stage1`` (metrics
 ``far_stage1.json``, plot ``far_stage1_loss.csv``, checkpoints ``checkpoints/far_stage1``); its evaluation samples
-chunk by chunk with the KV cache, N steps per chunk (:func:`sample_student`).
+chunk by chunk with the KV cache, N steps per chunk (:func:`anyflow.sampling.sample_student`).
 """
 
 from __future__ import annotations
@@ -75,17 +75,6 @@ def teacher_identity_error(model, teacher, data, n: int = 2) -> float:
         return float((student_velocity(model, z, t, t, text) - ref).abs().max())
 
 
-def sample_student(model, paradigm: str, noise, prompt_embeds, num_steps: int, shift: float, generator=None):
-    """N-step samples of a student from ``noise``: bidirectional through :func:`anyflow.sampling.sample`, a FAR
-    student chunk by chunk with the KV cache (:func:`anyflow.models.far.far_generate`, N steps per chunk)."""
-    from anyflow.models.far import far_generate, is_far
-    from anyflow.sampling import model_velocity, sample
-
-    if is_far(model):
-        return far_generate(model, noise, prompt_embeds, num_steps, shift, paradigm=paradigm, generator=generator)
-    return sample(paradigm, model_velocity(model, prompt_embeds), noise, num_steps, shift, generator)
-
-
 def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVAL_STEPS, batch: int = 16,
              reference=None) -> dict:
     """Sample adapter ``student`` set to each state at every N; distances to the teacher's samples of the same
@@ -94,6 +83,7 @@ def evaluate(model, cfg: Config, states: dict, data, num_samples: int, steps=EVA
 
     from anyflow.eval.latent_stats import distribution_metrics
     from anyflow.models.student import adapter_parameters
+    from anyflow.sampling import sample_student
 
     params = adapter_parameters(model)
     m = min(num_samples, data.latents.shape[0])
