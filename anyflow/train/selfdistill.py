@@ -13,7 +13,8 @@ adapter's ``u(z, t, r)`` onto ``sg(u_base(z, t, r))`` instead:
 Row kinds follow ``stage1.time_split`` over the global batch index exactly as in stage 1; each row's (t, r, ε, text
 dropout) comes from its own seed (:func:`anyflow.objectives.flowmap.draw`), so resumes are exact. The loss is
 ``(n_fm / B)·L_stage1(rows not distilled) + distill_weight·(n_d / B)·mean_i ‖u(z_i, t_i, r_i) − sg(u_base)‖²``; with
-the student still equal to the base the distillation term and its gradient are exactly 0. Single process only.
+the student still equal to the base the distillation term and its gradient are exactly 0. Single process,
+bidirectional student only.
 """
 
 from __future__ import annotations
@@ -84,10 +85,15 @@ class SelfDistillTrainer(FlowMapTrainer):
     """:class:`FlowMapTrainer` whose step distils rows picked by ``mode`` from the frozen base adapter (already
     loaded as :data:`FROZEN`); ``is_base(batch) -> bool (B,)`` marks the base-domain rows of a batch."""
 
-    def __init__(self, *args, is_base: Callable, mode: str = "base", weight: float = 1.0, **kw):
-        super().__init__(*args, **kw)
+    def __init__(self, model, *args, is_base: Callable, mode: str = "base", weight: float = 1.0, **kw):
+        super().__init__(model, *args, **kw)
         if mode not in MODES:
             raise ValueError(f"domain.distill_rows: unknown {mode!r} ({' | '.join(MODES)})")
+        from anyflow.models.far import is_far
+
+        if is_far(model):
+            raise ValueError("domain.distill_weight > 0: self-distillation supports the bidirectional student only "
+                             "(the causal FAR student needs per-chunk times)")
         if self.acc.num_processes > 1:
             raise ValueError("domain.distill_weight > 0: self-distillation runs in one process only")
         if self.velocity_target != "data":
