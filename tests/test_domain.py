@@ -39,7 +39,19 @@ def test_split_and_prompts():
     for s in driving.all_specs():
         assert driving.parse_prompt(s.prompt) == s
     with pytest.raises(ValueError, match="unknown vehicle 'bus'"):
-        driving.parse_prompt("a red bus changing lanes to the left")
+        driving.parse_prompt("a red bus veering left")
+
+
+def test_every_toy_prompt_fits_the_text_encoder_window():
+    """The toy tokenizer is byte-level: a prompt of more than max_text_len − 1 bytes loses its tail (the driving
+    domain's first wording lost its direction word that way, so direction could not be learnt)."""
+    from anyflow.config import Config
+    from anyflow.data import toy
+
+    limit = Config().model.max_text_len - 1  # one slot for EOS
+    for mod in (toy, driving):
+        longest = max(mod.all_specs(), key=lambda s: len(s.prompt.encode())).prompt
+        assert len(longest.encode()) <= limit, (mod.__name__, longest)
 
 
 # --------------------------------------------------------------------------------------------- scorers

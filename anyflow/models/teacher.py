@@ -8,10 +8,13 @@ the Wan transformer takes (B, C, F, H, W) latents and timestep ``1000·t`` where
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -49,6 +52,10 @@ def encode_prompts(pipe, prompts: Sequence[str], max_len: int) -> torch.Tensor:
     """Text embeddings (B, L=max_len, D) float32, padding positions zeroed (as ``WanPipeline._get_t5_prompt_embeds``)."""
     tok = pipe.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
                          add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    cut = [p for p in prompts if len(pipe.tokenizer(p, add_special_tokens=True).input_ids) > max_len]
+    if cut:  # as Wan's pipeline, truncate — but say so: the words past the window never reach the model
+        log.warning("%d prompt(s) longer than model.max_text_len=%d tokens are truncated, e.g. %r", len(cut), max_len,
+                    cut[0])
     device = next(pipe.text_encoder.parameters()).device
     ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
     hidden = pipe.text_encoder(ids, mask).last_hidden_state
