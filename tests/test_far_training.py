@@ -276,4 +276,6 @@ def test_gate_scores_a_far_adapter_beside_a_bidirectional_one(toy_teacher_dir, t
     assert d["chunk_partition"] == [5, 5] and d["frames"] == 19 and "drift" not in bi  # ≥ 2·(5 − 1) + 1 latents
     assert 0 < d["first"]["total"] <= 1 and 0 < d["last"]["total"] <= 1 and d["seconds_per_chunk"] > 0
     assert d["delta_total"] == pytest.approx(d["last"]["total"] - d["first"]["total"])
-    assert metrics["drift"]["candidate"]["2"]["delta"] == pytest.approx(d["delta_total"])
+    m = metrics["drift"]["candidate"]["2"]
+    assert m["delta"] == pytest.approx(d["delta_total"])
+    assert m["delta_quality"] == pytest.approx(d["last"]["quality"] - d["first"]["quality"])

@@ -106,7 +106,9 @@ def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition
           seed: int) -> dict:
     """FAR drift: videos twice the training length (:func:`long_partition`), chunk by chunk with the KV cache;
     the toy VBench-style Total of the first and of the last training-length window of pixel frames, and the
-    per-chunk RMS of the latents (a collapsing or exploding tail shows there first)."""
+    per-chunk RMS of the latents (a collapsing or exploding tail shows there first). Toy caveat: a ground-truth clip
+    covers its whole travel in ``num_frames``, so a continuation at the same speed nears the border in the last
+    window — read the Quality delta (per-frame/temporal quality) apart from the Semantic one (direction, motion)."""
     import torch
 
     from anyflow.eval import vbench_like
@@ -296,6 +298,7 @@ def metrics_of(report: dict) -> dict:
 
     t = report["teacher"]
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
+                        **{f"delta_{k}": d["last"][k] - d["first"][k] for k in ("quality", "semantic")},
                         "seconds_per_chunk": d["seconds_per_chunk"]} for n, d in entry["drift"].items()}
              for name, entry in [("candidate", report["candidate"]), *report["baselines"].items()]
              if entry.get("drift")}
@@ -316,7 +319,8 @@ def main(cfg: Config, args) -> int:
         print(f"{name} ({entry['paradigm']}, {entry.get('architecture', 'bidirectional')}) Total by NFE  {row}")
         for nfe, d in (entry.get("drift") or {}).items():
             print(f"  drift @{nfe}/chunk, {d['frames']} frames: first window {d['first']['total']:.4f}, last "
-                  f"{d['last']['total']:.4f} (Δ {d['delta_total']:+.4f}), {d['seconds_per_chunk']:.3f} s/chunk")
+                  f"{d['last']['total']:.4f} (Δ {d['delta_total']:+.4f}; quality Δ "
+                  f"{d['last']['quality'] - d['first']['quality']:+.4f}), {d['seconds_per_chunk']:.3f} s/chunk")
     if report["passed"]:
         print(f"gate PASSED ({len(report['criteria'])} criteria)")
         return 0
