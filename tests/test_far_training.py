@@ -279,3 +279,35 @@ def test_gate_scores_a_far_adapter_beside_a_bidirectional_one(toy_teacher_dir, t
     m = metrics["drift"]["candidate"]["2"]
     assert m["delta"] == pytest.approx(d["delta_total"])
     assert m["delta_quality"] == pytest.approx(d["last"]["quality"] - d["first"]["quality"])
+
+
+def test_chunkwise_backward_simulation_is_generation_with_gradients(teacher):
+    """FAR stage-2 rollout (chunk-wise flow-map backward simulation): at N = 2, k = 0 (first jump of zero length)
+    it is exactly 2-step KV-cache generation; chunk j ignores later chunks' noise; the simulated context is
+    detached unless grad_context; the gradient reaches only the LoRA adapter."""
+    from anyflow.models.far import far_backward_simulation, far_generate
+
+    model = far_student(teacher)
+    g = torch.Generator().manual_seed(21)
+    noise, text = torch.randn(2, 8, 5, 8, 8, generator=g), torch.randn(2, 8, 64, generator=g)
+    with torch.no_grad():
+        sim = far_backward_simulation(model, noise, text, 2, 0, 5.0)
+        torch.testing.assert_close(sim, far_generate(model, noise, text, 2, 5.0), rtol=0, atol=1e-5)
+        other = far_backward_simulation(model, noise, text, 4, [1, 3, 0], 5.0)
+        assert float((other - sim).abs().max()) > 1e-2  # exit steps matter
+        n2 = noise.clone()
+        n2[:, :, 3:] += 1.0
+        torch.testing.assert_close(far_backward_simulation(model, n2, text, 4, [1, 3, 0], 5.0)[:, :, :3],
+                                   other[:, :, :3], rtol=0, atol=1e-6)
+    for grad_context in (False, True):
+        z = noise.clone().requires_grad_(True)
+        out = far_backward_simulation(model, z, text, 4, 2, 5.0, grad_context=grad_context)
+        out[:, :, 3:].pow(2).mean().backward()
+        reach = float(z.grad[:, :, :3].abs().sum())
+        assert (reach > 0) == grad_context, (grad_context, reach)
+        assert float(z.grad[:, :, 3:].abs().sum()) > 0
+    lora = adapter_parameters(model)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in lora)
+    with pytest.raises(ValueError, match="one exit step per chunk"):
+        far_backward_simulation(model, noise, text, 4, [1, 2], 5.0)

@@ -301,12 +301,28 @@ def far_recompute_chunk(model, prompt_embeds, partition, prefix_BCFHW):
         b, f = z.shape[0], z.shape[2]
         full = torch.cat([prefix_BCFHW.to(z.dtype), z], dim=2)
         n0 = prefix_BCFHW.shape[2]
-        ts = torch.cat([torch.zeros(b, n0), (NUM_TRAIN_TIMESTEPS * t_B)[:, None].expand(b, f)], 1).to(z.dtype)
-        rs = torch.cat([torch.zeros(b, n0), (NUM_TRAIN_TIMESTEPS * r_B)[:, None].expand(b, f)], 1).to(z.dtype)
+        zeros = torch.zeros(b, n0, device=z.device)
+        ts = torch.cat([zeros, (NUM_TRAIN_TIMESTEPS * t_B.to(z.device))[:, None].expand(b, f)], 1).to(z.dtype)
+        rs = torch.cat([zeros, (NUM_TRAIN_TIMESTEPS * r_B.to(z.device))[:, None].expand(b, f)], 1).to(z.dtype)
         out = model(hidden_states=full.permute(0, 2, 1, 3, 4), timestep=ts, r_timestep=rs,
                     encoder_hidden_states=prompt_embeds, chunk_partition=list(partition), return_dict=False)[0]
         return out[:, -f:].permute(0, 2, 1, 3, 4)
     return u
+
+
+def far_backward_simulation(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_steps: int, k,
+                            shift: float, chunk_partition: Optional[Sequence[int]] = None,
+                            grad_context: bool = False) -> torch.Tensor:
+    """Stage 2's rollout for FAR, with gradients: :func:`anyflow.objectives.simulation.
+    chunkwise_flowmap_backward_simulation` with chunk j's velocity = one rollout forward of [clean simulated prefix,
+    noisy chunk j] (:func:`far_recompute_chunk`, what generation's KV cache computes). At N = 2, k = 0 it is
+    exactly 2-step :func:`far_generate` (tested)."""
+    from anyflow.objectives.simulation import chunkwise_flowmap_backward_simulation
+
+    partition = list(chunk_partition or _bare(model).config.chunk_partition)
+    return chunkwise_flowmap_backward_simulation(
+        lambda j, prefix: far_recompute_chunk(model, prompt_embeds, partition[:j + 1], prefix), noise, partition,
+        num_steps, k, shift, grad_context)
 
 
 @torch.no_grad()

@@ -106,3 +106,26 @@ def euler_sample(u: VelocityFn, noise: torch.Tensor, num_steps: int, shift: floa
     for i in range(num_steps):
         z = flowmap_jump(u, z, tau[i], tau[i + 1])
     return z
+
+
+def chunkwise_flowmap_backward_simulation(u_of: Callable[[int, torch.Tensor], VelocityFn], noise: torch.Tensor,
+                                          chunks: Sequence[int], num_steps: int, k: int | Sequence[int],
+                                          shift: float, grad_context: bool = False) -> torch.Tensor:
+    """Causal (AnyFlow-FAR) flow-map backward simulation, chunk by chunk as generation runs: chunk j's sample is
+    :func:`flowmap_backward_simulation` of ``u_of(j, prefix)`` — its velocity given the clean chunks < j already
+    simulated (``prefix`` (B, C, F_<j, H, W); detached unless ``grad_context``, as Self-Forcing-style rollouts
+    do) — from chunk j's slice of ``noise`` (B, C, F, H, W). ``k``: one exit step for all chunks or one per chunk.
+    Chunk j never depends on the noise of later chunks. Cost: 3 passes per chunk."""
+    if sum(chunks) != noise.shape[2] or min(chunks) < 1:
+        raise ValueError(f"student.chunk_partition: {tuple(chunks)} must be positive and sum to the "
+                         f"{noise.shape[2]} latent frames")
+    ks = [k] * len(chunks) if isinstance(k, int) else list(k)
+    if len(ks) != len(chunks):
+        raise ValueError(f"k: one exit step per chunk ({len(chunks)}), got {len(ks)}")
+    out, lo = [], 0
+    for j, (n_j, k_j) in enumerate(zip(chunks, ks)):
+        prefix = noise[:, :, :0] if not out else torch.cat(out, dim=2)
+        u = u_of(j, prefix if grad_context else prefix.detach())
+        out.append(flowmap_backward_simulation(u, noise[:, :, lo:lo + n_j], num_steps, k_j, shift))
+        lo += n_j
+    return torch.cat(out, dim=2)
