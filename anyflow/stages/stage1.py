@@ -135,7 +135,9 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
         #                           faster and steadier than 2 on the 2-core CI machine); scale out with ranks
     teacher = teacher_transformer(cfg, paths)
     model = student_from_teacher(teacher, cfg.student)
-    add_lora(model, cfg.student, STUDENT)
+    with torch.random.fork_rng(devices=[]):  # peft draws LoRA A from the global RNG: seed it, or two runs differ
+        torch.manual_seed(s1.seed)
+        add_lora(model, cfg.student, STUDENT)
     shards = ShardSet(paths.shards)
     data = shards.load_all()
     negative = shards.negative_embeds()
