@@ -12,7 +12,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 from anyflow.config import Config
 from anyflow.stages.common import StagePaths
@@ -46,10 +45,9 @@ def gate_metrics_for(manifest: dict, paths: StagePaths) -> Path:
     return paths.metric(name or "gate")
 
 
-def gate_verdict(release_dir: Path, gate_metrics: Optional[Path] = None,
-                 paths: Optional[StagePaths] = None) -> tuple[bool, str]:
-    """(passed, reason) from the release manifest, cross-checked with the gate's own metrics file if present
-    (``gate_metrics``, else the one :func:`gate_metrics_for` names under ``paths``).
+def gate_verdict(release_dir: Path, paths: StagePaths) -> tuple[bool, str]:
+    """(passed, reason) from the release manifest, cross-checked with the latest metrics of the gate that judged
+    it (:func:`gate_metrics_for`) if present.
 
     A failing ``anyflow gate`` stops ``dvc repro`` before export, so ``artifacts/release`` may still hold an older,
     passing release; ``metrics/gate.json`` (written by the gate run that just failed) catches that.
@@ -60,10 +58,7 @@ def gate_verdict(release_dir: Path, gate_metrics: Optional[Path] = None,
     manifest = read_manifest(release_dir)
     if not manifest["gate"]["passed"]:
         return False, f"{release_dir}/manifest.json: gate.passed is false"
-    if gate_metrics is None:
-        gate_metrics = gate_metrics_for(manifest, paths) if paths is not None else None
-    if gate_metrics is None:
-        return True, "gate passed"
+    gate_metrics = gate_metrics_for(manifest, paths)
     if gate_metrics.exists():
         metrics = read_json(gate_metrics)
         if isinstance(metrics, dict) and metrics.get("passed") is False:
@@ -89,7 +84,7 @@ def main(cfg: Config, args) -> int:
         return 0
     paths = StagePaths.of(cfg)
     release_dir = Path(args.release) if args.release else paths.release
-    passed, reason = gate_verdict(release_dir, paths=paths)
+    passed, reason = gate_verdict(release_dir, paths)
     extra = dict(item.split("=", 1) for item in args.meta if "=" in item)
     candidate = store.put_release(release_dir, metadata=extra, name=args.name)
     if not passed:
