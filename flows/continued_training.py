@@ -5,13 +5,17 @@ root ``dvc repro`` never runs them. ``domain`` (issue [G], ``anyflow domain``) a
 ``domain.domain`` and applies the domain gate (semantic gain on the new domain, no forgetting on the base domain,
 monotone in NFE); it exits 1 with ``passed: false`` in ``metrics/domain.json`` when that fails, which the flow
 handles exactly like the release gate: nothing is exported or promoted. ``export_domain`` writes
-``artifacts/release_domain`` with the domain gate's verdict in its manifest, and that directory is promoted. Optionally
-encodes a clips folder first (``anyflow encode-clips``, stage ``encode_clips``) when the domain comes from real
-videos.
+``artifacts/release_domain`` with the domain gate's verdict in its manifest, and that directory is promoted.
+``encode_clips=True`` (a real-clips domain, ``domain.source: clips``) needs an ``encode_clips`` stage in
+``continued/dvc.yaml`` wrapping ``anyflow encode-clips``; there is none yet, so the flow refuses it up front instead of
+failing inside DVC.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
 from prefect import flow, runtime
 
 from tasks.commands import Commands
@@ -29,7 +33,10 @@ def continued_training(repo: str = ".", encode_clips: bool = False, release_name
                        cmds: Commands = Commands()) -> dict:
     """Returns {"promoted": name or None, "gate": the domain gate's verdict}."""
     if encode_clips:
-        run_stage("encode_clips", repo, cmds)
+        if "encode_clips" not in yaml.safe_load((Path(repo) / PIPELINE).read_text()).get("stages", {}):
+            raise ValueError(f"encode_clips=True: {PIPELINE} has no encode_clips stage yet; run `anyflow "
+                             "encode-clips DIR` before the flow (domain.source: clips reads its shards)")
+        run_stage(f"{PIPELINE}:encode_clips", repo, cmds)
     gate = run_gate(repo, cmds, metrics_file=DOMAIN_METRICS, stage=DOMAIN_STAGE)
     if not gate["passed"]:
         return {"promoted": None, "gate": gate}

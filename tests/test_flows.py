@@ -252,6 +252,19 @@ def test_continued_training_promotes_the_domain_release_only_when_the_domain_gat
     assert {"domain-metrics", "export-domain-metrics"} <= keys
 
 
+def test_continued_training_refuses_encode_clips_without_that_stage(tmp_path, prefect_harness):
+    """The repository's continued/dvc.yaml has no encode_clips stage: encode_clips=True fails up front with a message
+    naming it, before any stage runs (not inside DVC after the flow started)."""
+    from flows.continued_training import PIPELINE, continued_training
+
+    repo = _repo(tmp_path, tolerance=0.02)
+    (repo / "continued").mkdir(exist_ok=True)
+    (repo / PIPELINE).write_text((ROOT / PIPELINE).read_text())
+    with pytest.raises(ValueError, match="no encode_clips stage"):
+        continued_training(repo=str(repo), encode_clips=True, cmds=_fake_commands(repo))
+    assert not (repo / "calls.log").exists()
+
+
 def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_path, prefect_harness):
     """Default command path: `dvc repro --single-item continued/dvc.yaml:<stage>` on a second pipeline whose stages
     run from the repository root (wdir ..). Only continued/dvc.lock is written (the root pipeline never runs); a
