@@ -25,6 +25,15 @@ def make_tiny_wan():
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): the FAR tests time and compare on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_wan():
     return make_tiny_wan()
 

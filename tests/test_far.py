@@ -17,15 +17,7 @@ from conftest import make_tiny_wan
 FAR = Student(architecture="far", lora_rank=4, lora_alpha=4.0, chunk_partition=(1, 2, 2), full_chunk_limit=3)
 FAR_COMPRESSED = replace(FAR, full_chunk_limit=2)  # 3 chunks > 2: the first chunk becomes compressed far context
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,8 @@ from conftest import make_tiny_wan
 from stage1_fixtures import CFG, dataset
 from test_far import FAR, randomise_lora
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 CHUNKS = (1, 2, 2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
