@@ -8,6 +8,13 @@ One base :class:`~diffusers.AnyFlowTransformer3DModel` carries two peft LoRA ada
 and with adapters disabled it *is* the frozen teacher at r = t (``delta_embedder`` is a copy of
 ``time_embedder``, so ``(1 − g)·emb(t) + g·emb'(t) = emb(t)``). One model instead of three copies.
 
+The student's side is a :class:`Rollout`: the module carrying adapter ``student`` and its backward simulation.
+Bidirectional (:func:`bidirectional_rollout`, the default): the same base model, :func:`flowmap_backward_simulation`.
+Causal AnyFlow-FAR (:func:`far_rollout`): its own ``AnyFlowFARTransformer3DModel`` with the ``student`` LoRA, rolled
+out chunk by chunk (:func:`anyflow.models.far.far_backward_simulation`, one exit step k for every chunk); the
+teacher (real score) and ``fake_score`` stay on the bidirectional model and score the whole generated video, as in
+the paper. The losses and the trainer below are the same for both.
+
 Generator and fake-score steps alternate 1:1 (``stage2.fake_steps_per_generator_step``):
 
 * generator: N ~ choices, k ~ U[0, N); ``x̂ = f(f(f(ε, τ0, τk), τk, τk+1), τk+1, 0)`` with the student (grad through
@@ -96,6 +103,40 @@ def teacher_cfg_score(model, cond: torch.Tensor, uncond: torch.Tensor, scale: fl
     return v
 
 
+# --------------------------------------------------------------------------------------------- the student's rollout
+Simulate = Callable[[torch.Tensor, torch.Tensor, int, int, Optional[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The student: ``model`` carries adapter ``student``; ``simulate(noise, prompt_embeds, n, k, trainable)`` is
+    its flow-map backward simulation x̂ (N = n, exit step k) with only ``trainable``'s LoRA requiring grad."""
+
+    model: torch.nn.Module
+    simulate: Simulate
+
+
+def bidirectional_rollout(model, shift: float) -> Rollout:
+    """:func:`flowmap_backward_simulation` of adapter ``student`` on the (bidirectional) base model."""
+
+    def simulate(noise, prompt_embeds, n, k, trainable):
+        return flowmap_backward_simulation(velocity(model, STUDENT, prompt_embeds, trainable), noise, n, k, shift)
+
+    return Rollout(model, simulate)
+
+
+def far_rollout(model, shift: float, grad_context: bool = False) -> Rollout:
+    """AnyFlow-FAR: :func:`anyflow.models.far.far_backward_simulation` (chunk by chunk, each chunk's three jumps
+    conditioned on the clean simulated earlier chunks, detached unless ``grad_context``) of adapter ``student``."""
+    from anyflow.models.far import far_backward_simulation
+
+    def simulate(noise, prompt_embeds, n, k, trainable):
+        use_adapter(model, STUDENT, trainable)
+        return far_backward_simulation(model, noise, prompt_embeds, n, k, shift, grad_context=grad_context)
+
+    return Rollout(model, simulate)
+
+
 # --------------------------------------------------------------------------------------------- the two steps
 @dataclass
 class StepOut:
@@ -104,21 +145,25 @@ class StepOut:
 
 
 def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator: torch.Generator,
-                   stage1_loss_fn: Optional[Callable[[], torch.Tensor]] = None) -> tuple[torch.Tensor, dict]:
-    """DMD on a flow-map backward simulation + ``stage1_weight`` × stage-1 loss. Gradients reach only ``student``."""
+                   stage1_loss_fn: Optional[Callable[[], torch.Tensor]] = None,
+                   rollout: Optional[Rollout] = None) -> tuple[torch.Tensor, dict]:
+    """DMD on a flow-map backward simulation + ``stage1_weight`` × stage-1 loss. Gradients reach only ``student``.
+    ``model`` carries the scores (teacher = adapters disabled, ``fake_score``); ``rollout`` the student (default:
+    adapter ``student`` of ``model``, :func:`bidirectional_rollout`)."""
     s2 = cfg.stage2
+    rollout = rollout or bidirectional_rollout(model, cfg.model.flow_shift)
     x0 = batch.latents
     cond = batch.prompt_embeds
     b = x0.shape[0]
     n, k = draw_rollout(s2.num_steps_choices, generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    x_hat = flowmap_backward_simulation(velocity(model, STUDENT, cond, STUDENT), noise, n, k, cfg.model.flow_shift)
+    x_hat = rollout.simulate(noise, cond, n, k, STUDENT)
     t_prime = renoise_time(b, cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     real = teacher_cfg_score(model, cond, negative.expand(b, -1, -1), s2.real_guidance_scale, STUDENT)
     fake = score(model, FAKE, cond, STUDENT)
     dmd = generator_dmd_loss(x_hat, real, fake, t_prime, eps)
-    use_adapter(model, STUDENT, STUDENT)
+    use_adapter(rollout.model, STUDENT, STUDENT)
     loss = dmd.loss
     parts = {"dmd": float(dmd.loss.detach()), "dmd_grad": dmd.grad_norm, "num_steps": n, "k": k}
     if stage1_loss_fn is not None and s2.stage1_weight > 0:
@@ -128,15 +173,17 @@ def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator:
     return loss, parts
 
 
-def fake_loss(model, cfg: Config, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Flow matching of ``fake_score`` on a detached student rollout at logit-normal t."""
+def fake_loss(model, cfg: Config, batch, generator: torch.Generator,
+              rollout: Optional[Rollout] = None) -> tuple[torch.Tensor, dict]:
+    """Flow matching of ``fake_score`` (on ``model``) on a detached student rollout at logit-normal t."""
     s2 = cfg.stage2
+    rollout = rollout or bidirectional_rollout(model, cfg.model.flow_shift)
     x0 = batch.latents
     cond = batch.prompt_embeds
     n, k = draw_rollout(s2.num_steps_choices, generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     with torch.no_grad():
-        x_hat = flowmap_backward_simulation(velocity(model, STUDENT, cond, FAKE), noise, n, k, cfg.model.flow_shift)
+        x_hat = rollout.simulate(noise, cond, n, k, FAKE)
     mean, std = s2.fake_logit_normal
     t = logit_normal_time(x0.shape[0], mean, std, generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -155,14 +202,17 @@ class Stage2Trainer:
 
     ``data_fn(generator) -> batch`` draws a training batch (``latents`` (B, C, F, H, W), ``prompt_embeds``,
     ``index``); ``stage1_fn(batch, generator) -> loss`` is the full stage-1 loss of the active student.
+    ``model`` carries ``fake_score`` (and the teacher); ``rollout`` the student (default: adapter ``student`` of
+    ``model``; :func:`far_rollout` for a FAR student on a model of its own).
     """
 
     def __init__(self, model, cfg: Config, data_fn, negative: torch.Tensor, stage1_fn=None,
-                 ckpt_dir: Optional[Path] = None):
+                 ckpt_dir: Optional[Path] = None, rollout: Optional[Rollout] = None):
         self.model, self.cfg, self.data_fn, self.negative, self.stage1_fn = model, cfg, data_fn, negative, stage1_fn
+        self.rollout = rollout or bidirectional_rollout(model, cfg.model.flow_shift)
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
         s2 = cfg.stage2
-        self.student = adapter_params(model, STUDENT)
+        self.student = adapter_params(self.rollout.model, STUDENT)
         self.fake = adapter_params(model, FAKE)
         if not self.student or not self.fake:
             raise ValueError(f"model: needs LoRA adapters {STUDENT!r} and {FAKE!r} (found "
@@ -176,11 +226,11 @@ class Stage2Trainer:
     # one alternation
     def generator_step(self) -> dict:
         o = self.cfg.stage2.optim
-        use_adapter(self.model, STUDENT, STUDENT)
+        use_adapter(self.rollout.model, STUDENT, STUDENT)
         self.opt.zero_grad(set_to_none=True)
         batch = self.data_fn(self.generator)
         s1 = (lambda: self.stage1_fn(batch, self.generator)) if self.stage1_fn else None
-        loss, parts = generator_loss(self.model, self.cfg, batch, self.negative, self.generator, s1)
+        loss, parts = generator_loss(self.model, self.cfg, batch, self.negative, self.generator, s1, self.rollout)
         loss.backward()
         if o.grad_clip > 0:
             parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.student.values()), o.grad_clip))
@@ -194,7 +244,7 @@ class Stage2Trainer:
         o = self.cfg.stage2.fake_optim
         use_adapter(self.model, FAKE, FAKE)
         self.fake_opt.zero_grad(set_to_none=True)
-        loss, parts = fake_loss(self.model, self.cfg, self.data_fn(self.generator), self.generator)
+        loss, parts = fake_loss(self.model, self.cfg, self.data_fn(self.generator), self.generator, self.rollout)
         loss.backward()
         if o.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(self.fake.values()), o.grad_clip)
