@@ -20,10 +20,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from anyflow.export.far_runtime import ChunkStep
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_FILES = {"transformer": "onnx/transformer.onnx", "text_encoder": "onnx/text_encoder.onnx",
@@ -51,6 +54,11 @@ class ReleaseInfo:
     max_text_len: int
     latent_shape: tuple[int, int, int, int]  # (C, F, h, w), Wan layout without batch
     fps: int
+    architecture: str = "bidirectional"  # far: causal AnyFlow-FAR, chunk by chunk (far_generate_release)
+    chunk_partition: tuple[int, ...] = ()  # FAR: latent frames per chunk (sums to F)
+    temporal_factor: int = 0  # FAR: pixel frames per latent frame after the first (Wan VAE: 1 + factor·(F − 1))
+    height: int = 0
+    width: int = 0
 
     @classmethod
     def read(cls, root: str | Path) -> "ReleaseInfo":
@@ -61,7 +69,17 @@ class ReleaseInfo:
         rt = json.loads(path.read_text()).get("runtime")
         if not rt:
             raise ValueError(f"{path}: missing 'runtime' block (exported by an older anyflow?)")
-        return cls(root, float(rt["flow_shift"]), int(rt["max_text_len"]), tuple(rt["latent_shape"]), int(rt["fps"]))
+        video = rt.get("video") or {}
+        arch = rt.get("architecture", "bidirectional")
+        if arch not in ("bidirectional", "far"):
+            raise ValueError(f"{path}: runtime.architecture {arch!r} is not bidirectional | far")
+        partition = tuple(int(c) for c in rt.get("chunk_partition") or ())
+        if arch == "far" and (not partition or sum(partition) != int(rt["latent_shape"][1])):
+            raise ValueError(f"{path}: runtime.chunk_partition {list(partition)} must sum to the latent frame count "
+                             f"{rt['latent_shape'][1]} of a FAR release")
+        return cls(root, float(rt["flow_shift"]), int(rt["max_text_len"]), tuple(rt["latent_shape"]), int(rt["fps"]),
+                   arch, partition, int(rt.get("temporal_factor", 0)), int(video.get("height", 0)),
+                   int(video.get("width", 0)))
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -130,9 +148,14 @@ class Generation:
 
 def generate(backend: Backend, info: ReleaseInfo, prompts: Sequence[str], num_steps: int, seed: int,
              tokenizer=None, show_progress: bool = False) -> Generation:
-    """text encode → N flow-map steps (one transformer call each) → VAE decode."""
+    """text encode → N flow-map steps (one transformer call each) → VAE decode. A FAR release goes chunk by chunk
+    (:func:`generate_far`, N steps per chunk, text-to-video)."""
     from tqdm.auto import tqdm
 
+    if info.architecture == "far":
+        from anyflow.export.far_runtime import generate_far
+
+        return generate_far(backend, info, prompts, num_steps, seed, tokenizer=tokenizer, show_progress=show_progress)
     tokenizer = tokenizer or load_tokenizer(info.root)
     timings = {}
     t0 = time.perf_counter()
@@ -170,12 +193,35 @@ class TorchBackend:
 
     @classmethod
     def from_release(cls, root: str | Path, device: str = "cpu") -> "TorchBackend":
-        from diffusers import AnyFlowPipeline
+        from diffusers import AnyFlowFARPipeline, AnyFlowPipeline
 
         path = Path(root) / "pipeline"
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: diffusers directory missing from the release")
-        return cls(AnyFlowPipeline.from_pretrained(str(path)), device)
+        if ReleaseInfo.read(root).architecture != "far":
+            return cls(AnyFlowPipeline.from_pretrained(str(path)), device)
+        from anyflow.models.far import set_far_attention
+
+        pipe = AnyFlowFARPipeline.from_pretrained(str(path))
+        set_far_attention(pipe.transformer, "auto")  # the KV-cache read through plain SDPA (anyflow.models.far)
+        return cls(pipe, device)
+
+    def chunk_step(self) -> "ChunkStep":
+        """The causal chunk step of a FAR release (:class:`anyflow.export.far_runtime.TorchFarStep`)."""
+        from anyflow.export.far_runtime import TorchFarStep
+        from anyflow.models.far import is_far
+
+        if not is_far(self.pipeline.transformer):
+            raise ValueError("chunk_step: this release's transformer is bidirectional, not AnyFlow-FAR")
+        return TorchFarStep(self.pipeline.transformer.to(self.device), self.device)
+
+    @torch.no_grad()
+    def encode_video(self, video_BCFHW: torch.Tensor) -> torch.Tensor:
+        """Video (B, 3, F_px, H, W) in [−1, 1] → normalised latents ``(mode(q(z|x)) − mean) / std`` (B, C, F, h, w),
+        as the training data was encoded (:func:`anyflow.models.teacher.encode_video`)."""
+        from anyflow.models.teacher import encode_video
+
+        return encode_video(self.pipeline, video_BCFHW.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def encode(self, input_ids, attention_mask):
@@ -196,12 +242,16 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, root: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+    def __init__(self, root: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0,
+                 far_step: Optional["ChunkStep"] = None):
         from anyflow.export.onnx_export import session
 
         root = Path(root)
         self.sessions = {}
+        self.far_step = far_step  # a FAR release: the chunk step replaces onnx/transformer.onnx (far_onnx_chunk_step)
         for key, rel in ONNX_FILES.items():
+            if far_step is not None and key == "transformer":
+                continue
             if not (root / rel).is_file():
                 raise FileNotFoundError(f"{root / rel}: ONNX graph missing from the release")
             self.sessions[key] = session(root / rel, providers, threads)
@@ -215,6 +265,15 @@ class OnnxBackend:
     def flow_map(self, latents, t, r, text):
         return self._run("transformer", latents=latents.float().contiguous(), t=t.float(), r=r.float(),
                          text_embeds=text.float().contiguous())
+
+    def chunk_step(self) -> "ChunkStep":
+        if self.far_step is None:
+            raise ValueError("chunk_step: not a FAR release (OnnxBackend built without far_step)")
+        return self.far_step
+
+    def encode_video(self, video_BCFHW):
+        raise NotImplementedError("image/video conditioning needs the VAE encoder, which the release has only as "
+                                  "diffusers weights: use --backend torch")
 
     def decode(self, z_BCFHW):
         # the decoder graph is batch 1 (the causal-conv frame loop is unrolled at export); loop over the batch
@@ -250,6 +309,12 @@ class TensorRTBackend:
 
 def make_backend(name: str, root: str | Path, threads: int = 0) -> Backend:
     root = Path(root)
+    if name != "torch" and (root / "manifest.json").is_file() and ReleaseInfo.read(root).architecture == "far":
+        if name == "tensorrt":
+            raise NotImplementedError(f"{root}: a FAR (causal) release has no TensorRT engines; use --backend torch")
+        from anyflow.export.far_runtime import far_onnx_chunk_step
+
+        return OnnxBackend(root, threads=threads, far_step=far_onnx_chunk_step(root, threads=threads))
     if name == "torch":
         return TorchBackend.from_release(root)
     if name == "onnxruntime":

@@ -18,6 +18,13 @@ the one exported (:func:`gate_verdict`).
 Checks (recorded in the manifest and ``metrics/export.json``): merged vs adapter model (max abs diff), each ONNX
 graph through ``onnx.checker`` and ONNX Runtime vs torch (max abs/rel error; the transformer at every
 ``export.check_pairs`` (t, r)), and a full 4-step generation ONNX Runtime vs torch.
+
+A causal adapter (metadata ``architecture: far``, e.g. ``artifacts/far_stage1/ema_adapter.safetensors``) is built
+as ``AnyFlowFARTransformer3DModel`` with the adapter's ``chunk_partition``, merged and saved as an
+``AnyFlowFARPipeline`` directory; the manifest records ``architecture: far``, ``chunk_partition`` and a note that
+``onnx/transformer.onnx`` is left out (the FAR chunk step with KV cache belongs to ``anyflow/export/far_onnx.py``);
+the text encoder and VAE decoder graphs are exported and checked as usual. Its generation check is the release as
+saved, reloaded by the runtime, against ``far_generate`` on the in-memory merged model (4 steps per chunk).
 """
 
 from __future__ import annotations
@@ -68,12 +75,13 @@ def load_teacher_pipeline(root: Path):
     return load_teacher(root)
 
 
-def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path):
+def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path, scfg=None):
     """``AnyFlowTransformer3DModel`` from the teacher (delta_embedder = copy of time_embedder) + adapter
-    ``student`` loaded from ``adapter_path`` (a peft state dict without adapter names; keys must match)."""
+    ``student`` loaded from ``adapter_path`` (a peft state dict without adapter names; keys must match).
+    ``scfg``: the student section to build (default ``cfg.student``; a FAR adapter: :func:`far_student`)."""
     from anyflow.models.student import load_student
 
-    model = load_student(teacher_transformer, cfg.student, adapter_path, ADAPTER)
+    model = load_student(teacher_transformer, scfg or cfg.student, adapter_path, ADAPTER)
     model.set_adapter(ADAPTER)
     return model
 
@@ -90,6 +98,30 @@ def merge_adapter(model, adapter: str = ADAPTER):
     if leftover:
         raise RuntimeError(f"merge left LoRA parameters behind: {leftover[:3]}")
     return model
+
+
+def far_student(cfg: Config, adapter_path: Path):
+    """``cfg.student`` for a FAR adapter: ``architecture: far`` and the ``chunk_partition`` it was trained with
+    (adapter metadata, else ``student.chunk_partition``)."""
+    from dataclasses import replace
+
+    from anyflow.models.student import adapter_metadata
+
+    meta = adapter_metadata(adapter_path).get("chunk_partition")
+    try:
+        partition = tuple(int(c) for c in meta.split(",")) if meta else tuple(cfg.student.chunk_partition)
+    except ValueError:
+        raise ValueError(f"{adapter_path}: metadata chunk_partition {meta!r} is not comma-separated integers") from None
+    return replace(cfg.student, architecture="far", chunk_partition=partition)
+
+
+def far_probe(model, p: dict) -> "torch.Tensor":
+    """A FAR student's output on a probe (:func:`probe_inputs`; one (t, r) per sample over every chunk) through
+    the chunk-causal rollout forward (:func:`anyflow.models.far.far_velocity`), in the probe's (B, F, C, h, w)."""
+    from anyflow.models.far import far_velocity
+
+    z = p["latents"].permute(0, 2, 1, 3, 4)
+    return far_velocity(model, z, p["t"][:, 0] / 1000, p["r"][:, 0] / 1000, p["text_embeds"]).permute(0, 2, 1, 3, 4)
 
 
 def latent_shape(cfg: Config, vae, in_channels: int) -> tuple[int, int, int, int]:
@@ -150,24 +182,30 @@ def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: 
 def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], repo: str | Path,
          gate_report: Optional[str] = None) -> ExportOutputs:
     import torch
-    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+    from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
     from anyflow.export import manifest as mf
     from anyflow.export import onnx_export as ox
     from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate
+    from anyflow.stages.gate import architecture_of
     from anyflow.utils.io import atomic_dir
 
     paths = StagePaths.of(cfg)
     release = Path(out) if out else paths.release
     adapter_path = resolve_adapter(paths, adapter)
+    far = architecture_of(adapter_path) == "far"
+    scfg = far_student(cfg, adapter_path) if far else None
     seconds: dict[str, float] = {}
     parity: dict[str, dict] = {}
     quality: dict[str, dict] = {}
     tic = time.perf_counter()
 
     teacher_pipe = load_teacher_pipeline(teacher_dir(cfg, paths, teacher))
-    model = student_with_adapter(teacher_pipe.transformer, cfg, adapter_path)
+    model = student_with_adapter(teacher_pipe.transformer, cfg, adapter_path, scfg)
     shape = latent_shape(cfg, teacher_pipe.vae, model.config.in_channels)
+    if far and sum(scfg.chunk_partition) != shape[1]:
+        raise ValueError(f"{adapter_path}: chunk_partition {list(scfg.chunk_partition)} sums to "
+                         f"{sum(scfg.chunk_partition)}, video.num_frames gives {shape[1]} latent frames")
     tok = teacher_pipe.tokenizer
     from anyflow.export.runtime import tokenize
 
@@ -177,15 +215,16 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     # 1. merge, and check the merged model equals the adapter model at every check pair
     probes = [probe_inputs(shape, text, t, r, cfg.model.flow_shift, seed=i)
               for i, (t, r) in enumerate(cfg.export.check_pairs)]
-    before = [ox.FlowMapGraph(model)(**p) for p in probes]
+    forward = (lambda m, p: far_probe(m, p)) if far else (lambda m, p: ox.FlowMapGraph(m)(**p))
+    before = [forward(model, p) for p in probes]
     merged = merge_adapter(model)
-    merge_diff = max(float((ox.FlowMapGraph(merged)(**p) - b).abs().max()) for p, b in zip(probes, before))
+    merge_diff = max(float((forward(merged, p) - b).abs().max()) for p, b in zip(probes, before))
     parity["merge"] = {"max_abs": merge_diff, "ref_scale": max(float(b.abs().max()) for b in before)}
     if merge_diff > cfg.export.atol:
         raise RuntimeError(f"merged model differs from the adapter model by {merge_diff:.2e} > export.atol")
     seconds["load_merge"] = time.perf_counter() - tic
 
-    pipe = AnyFlowPipeline(tokenizer=tok, text_encoder=teacher_pipe.text_encoder, transformer=merged,
+    pipe = (AnyFlowFARPipeline if far else AnyFlowPipeline)(tokenizer=tok, text_encoder=teacher_pipe.text_encoder, transformer=merged,
                            vae=teacher_pipe.vae, scheduler=FlowMapEulerDiscreteScheduler(shift=cfg.model.flow_shift))
     with atomic_dir(release) as tmp:
         t0 = time.perf_counter()
@@ -195,7 +234,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
         # 2. ONNX graphs, each checked
         onnx_dir = tmp / "onnx"
         t0 = time.perf_counter()
-        if "transformer" in cfg.export.components:
+        if "transformer" in cfg.export.components and not far:  # FAR: anyflow/export/far_onnx.py (not here)
             path = ox.export_transformer(merged, onnx_dir / "transformer.onnx", probes[0], cfg.export.opset)
             ox.check_onnx(path)
             sess = ox.session(path)
@@ -229,11 +268,19 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
                    "transformer_inputs": {"latents": "B,F,C,H,W float32", "t": "B,F float32 (1000*shift(tau))",
                                           "r": "B,F float32 (1000*shift(tau))", "text_embeds": "B,L,D float32"},
                    "vae_decoder": "batch 1, fixed latent frame count (causal-conv frame loop unrolled)"}
+        if far:
+            runtime.update(far_runtime_block(scfg, merged, teacher_pipe.vae))
         mf.write_manifest(tmp, {"files": [], "git_sha": "", "dvc_lock_digest": "", "gate": {"passed": False},
                                 "runtime": runtime})  # provisional: lets the runtime read shapes for the check
 
         # 3. a full 4-step generation: ONNX Runtime vs torch
-        if set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:
+        if far:  # the saved diffusers dir, reloaded by the runtime, samples what the merged model samples
+            t0 = time.perf_counter()
+            parity["far_generate_4step"], frames = far_reload_check(tmp, merged, tok, cfg.model.flow_shift)
+            if cfg.model.source == "toy":
+                quality["generate_4step"] = {"torch": rate(frames, PROBE_PROMPTS)}
+            seconds["generate_check"] = time.perf_counter() - t0
+        elif set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:
             t0 = time.perf_counter()
             info = ReleaseInfo.read(tmp)
             ref = generate(TorchBackend(pipe), info, PROBE_PROMPTS, 4, seed=0, tokenizer=tok)
@@ -254,10 +301,13 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
         git_sha, dirty = mf.git_state(repo)
         reports = [Path(gate_report)] if gate_report else [paths.gate / "report.json", paths.metric("gate")]
         gate = gate_verdict(reports, adapter_path)
+        extra = {"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)}
+        if far:
+            extra.update(architecture="far", chunk_partition=list(scfg.chunk_partition), notes=[FAR_ONNX_NOTE],
+                         components=[c for c in cfg.export.components if c != "transformer"])
         manifest = mf.build_manifest(
             tmp, git_sha=git_sha, git_dirty=dirty, dvc_lock=mf.dvc_lock_digest(Path(repo) / "dvc.lock"), gate=gate,
-            profile=cfg.profile, parity=parity,
-            extra={"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)})
+            profile=cfg.profile, parity=parity, extra=extra)
         mf.write_manifest(tmp, manifest)
         mf.verify_release(tmp)
     seconds["total"] = time.perf_counter() - tic
@@ -268,6 +318,50 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     log.info("release %s: %d files, gate passed=%s, %.1f s", release, len(manifest["files"]),
              manifest["gate"]["passed"], seconds["total"])
     return ExportOutputs(release, release / mf.MANIFEST, metrics_path)
+
+
+FAR_ONNX_NOTE = ("architecture far: onnx/transformer.onnx is not exported — the causal transformer runs as a chunk "
+                 "step with KV cache (anyflow/export/far_onnx.py, not part of this release); serve with "
+                 "`anyflow generate --backend torch` (pipeline/ is an AnyFlowFARPipeline directory)")
+
+
+def far_runtime_block(scfg, merged, vae) -> dict:
+    """What the runtime needs to sample a FAR release chunk by chunk (``ReleaseInfo``)."""
+    return {"architecture": "far", "chunk_partition": list(scfg.chunk_partition),
+            "full_chunk_limit": int(merged.config.full_chunk_limit), "paradigm": scfg.paradigm,
+            "temporal_factor": 2 ** sum(bool(x) for x in vae.config.temperal_downsample),
+            "transformer_inputs": "AnyFlowFARTransformer3DModel, chunk by chunk with its KV cache "
+                                  "(anyflow.export.far_runtime.ChunkStep)",
+            "notes": FAR_ONNX_NOTE}
+
+
+def far_reload_check(release: Path, merged, tokenizer, shift: float) -> tuple[dict, "object"]:
+    """4 steps per chunk through the runtime on the release as saved (``TorchBackend.from_release``) vs
+    :func:`anyflow.models.far.far_generate` on the in-memory merged model, same noise and text; returns the
+    parity entry and the runtime's uint8 frames."""
+    import torch
+
+    from anyflow.export import onnx_export as ox
+    from anyflow.export.runtime import ReleaseInfo, TorchBackend, generate, initial_noise, tokenize
+    from anyflow.models.far import far_generate
+
+    info = ReleaseInfo.read(release)
+    backend = TorchBackend.from_release(release)
+    got = generate(backend, info, PROBE_PROMPTS, 4, seed=0, tokenizer=tokenizer)
+    text = backend.encode(*tokenize(tokenizer, PROBE_PROMPTS, info.max_text_len))
+    noise = initial_noise(len(PROBE_PROMPTS), info.latent_shape, torch.Generator().manual_seed(0))
+    ref = far_generate(merged, noise.permute(0, 2, 1, 3, 4), text, 4, shift)
+    return {"latents": ox.compare(got.latents.permute(0, 2, 1, 3, 4).numpy(), ref.numpy()).as_dict()}, got.frames
+
+
+def rate(frames, prompts) -> dict:
+    """The gate's VBench-style scores (:mod:`anyflow.eval.vbench_like`) of uint8 videos of toy ``prompts``: Total
+    and every dimension."""
+    from anyflow.data import toy
+    from anyflow.eval import vbench_like
+
+    dims = vbench_like.score_videos(list(frames), [toy.parse_prompt(p) for p in prompts])["dimensions"]
+    return {"total": vbench_like.aggregate(dims)["total"], "dimensions": dims}
 
 
 def rate_alike(torch_frames, ort_frames, prompts) -> dict:
