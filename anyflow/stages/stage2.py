@@ -12,6 +12,15 @@ the shards' own noises and prompts, compared with the teacher's ODE samples of t
   and mean |frame difference|; 3·C features) of the student samples and of all teacher shard latents;
 * ``channel_fd`` — Fréchet distance of the per-position channel vectors (C-dimensional, pooled over F, H, W);
 * ``paired_mse`` — mean squared error to the teacher sample from the same noise (trajectory fidelity).
+
+``--set student.architecture=far`` distils the causal student (AnyFlow-FAR) with the same trainer and losses
+(:func:`anyflow.train.stage2.far_rollout`): the FAR student (its own ``AnyFlowFARTransformer3DModel``, adapter
+``student`` ← ``artifacts/far_stage1/ema_adapter.safetensors``) is rolled out chunk by chunk; the teacher (real
+score, CFG) and ``fake_score`` live on a bidirectional base model and score the whole generated video; the
+stage-1 term is FAR stage 1's objective (per-chunk (t, r), clean-context teacher forcing). Outputs
+``artifacts/far_stage2`` (metadata ``architecture: far`` + ``chunk_partition``), ``metrics/far_stage2.json``,
+``plots/far_stage2_loss.csv``, ``checkpoints/far_stage2``; the evaluation samples chunk by chunk with the KV cache,
+N steps per chunk (:func:`anyflow.models.far.far_generate`).
 """
 
 from __future__ import annotations
@@ -61,6 +70,39 @@ def build_model(cfg: Config, teacher, stage1_adapter: Path):
     load_adapter(model, stage1_adapter, STUDENT)
     add_lora(model, cfg.student, FAKE)
     return model
+
+
+def output_name(architecture: str = "bidirectional") -> str:
+    """``stage2``, or ``far_stage2`` for the causal student (outputs of its own beside the bidirectional ones)."""
+    return "stage2" if architecture == "bidirectional" else f"{architecture}_stage2"
+
+
+def build_far_models(cfg: Config, teacher, stage1_adapter: Path):
+    """``(scores, student)``: the bidirectional base model with adapter ``fake_score`` (adapters disabled = the
+    teacher) and the FAR student with adapter ``student`` ← the FAR stage-1 EMA weights (``stage1_adapter``, whose
+    metadata must say ``architecture: far`` and this ``student.chunk_partition``). LoRA inits are drawn from a
+    forked RNG seeded with ``stage2.seed`` (peft draws LoRA A from the global RNG)."""
+    from dataclasses import replace
+
+    import torch
+
+    from anyflow.models.student import adapter_metadata, add_lora, load_adapter, student_from_teacher
+    from anyflow.train.stage2 import FAKE, STUDENT
+
+    meta = adapter_metadata(stage1_adapter)
+    chunks = ",".join(str(c) for c in cfg.student.chunk_partition)
+    if meta.get("architecture") != "far" or meta.get("chunk_partition", chunks) != chunks:
+        raise ValueError(f"{stage1_adapter}: not a FAR stage-1 adapter for student.chunk_partition {chunks} "
+                         f"(metadata architecture={meta.get('architecture')!r}, "
+                         f"chunk_partition={meta.get('chunk_partition')!r}); run the far_stage1 stage")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.stage2.seed)
+        scores = student_from_teacher(teacher, replace(cfg.student, architecture="bidirectional"))
+        add_lora(scores, cfg.student, FAKE)
+        student = student_from_teacher(teacher, cfg.student)
+        add_lora(student, cfg.student, STUDENT)
+    load_adapter(student, stage1_adapter, STUDENT)
+    return scores, student
 
 
 def teacher_identity_error(model, teacher, latent_shape: tuple, text_shape: tuple, seed: int = 0) -> float:
@@ -122,7 +164,8 @@ def memory_comparison(model, teacher) -> dict:
 def sample_student(model, adapter_state: dict, noise, prompt_embeds, num_steps: int, shift: float,
                    batch_size: int = 16):
     """N-step flow-map sampling (``z ← z − (τi − τi+1)·u(z, τi, τi+1)``) with the ``student`` adapter set to
-    ``adapter_state`` (restored afterwards)."""
+    ``adapter_state`` (restored afterwards); a FAR student chunk by chunk with the KV cache, N steps per chunk."""
+    from anyflow.models.far import far_generate, is_far
     from anyflow.objectives.simulation import euler_sample
     from anyflow.train.stage2 import STUDENT, adapter_params, use_adapter, velocity
 
@@ -136,6 +179,10 @@ def sample_student(model, adapter_state: dict, noise, prompt_embeds, num_steps: 
         use_adapter(model, STUDENT, None)
         out = []
         for i in range(0, noise.shape[0], batch_size):
+            if is_far(model):
+                out.append(far_generate(model, noise[i:i + batch_size], prompt_embeds[i:i + batch_size], num_steps,
+                                        shift))
+                continue
             u = velocity(model, STUDENT, prompt_embeds[i:i + batch_size], None)
             out.append(euler_sample(u, noise[i:i + batch_size], num_steps, shift))
         for n, p in params.items():
@@ -163,8 +210,9 @@ def evaluate(model, states: dict[str, dict], data, num_samples: int, shift: floa
 def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh: bool = False,
         progress: bool = True) -> Stage2Outputs:
     from anyflow.data.shards import ShardSet
-    from anyflow.models.student import save_adapter
-    from anyflow.train.stage2 import STUDENT, Stage2Trainer, adapter_params, write_loss_csv
+    from anyflow.models.student import save_adapter, state_to_peft_keys
+    from anyflow.stages.stage1 import output_name as stage1_name
+    from anyflow.train.stage2 import STUDENT, Stage2Trainer, adapter_params, far_rollout, write_loss_csv
 
     import warnings
 
@@ -174,10 +222,18 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     torch.set_num_threads(1)
     paths = StagePaths.of(cfg)
     t_start = time.perf_counter()
-    stage1_adapter = paths.stage1 / "ema_adapter.safetensors"
+    arch = cfg.student.architecture
+    name = output_name(arch)
+    stage1_adapter = paths.root / stage1_name("flowmap", arch) / "ema_adapter.safetensors"
     teacher = teacher_transformer(cfg, paths)
-    model = build_model(cfg, teacher, stage1_adapter)
-    memory = memory_comparison(model, teacher)
+    if arch == "bidirectional":
+        model = student = build_model(cfg, teacher, stage1_adapter)
+        rollout = None
+        memory = memory_comparison(model, teacher)
+    else:  # FAR: scores on the bidirectional base model, the student on a model of its own
+        model, student = build_far_models(cfg, teacher, stage1_adapter)
+        rollout = far_rollout(student, cfg.model.flow_shift)
+        memory = {"scores_weight_bytes": storage_bytes(model), "student_weight_bytes": storage_bytes(student)}
     shards = ShardSet(paths.shards)
     data = shards.load_all()
     teacher_err = teacher_identity_error(model, teacher, tuple(data.latents.shape[1:]),
@@ -185,51 +241,48 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     if teacher_err > 1e-4:
         raise RuntimeError(f"adapters-disabled student differs from the teacher by {teacher_err:.2e} at r = t")
     negative = shards.negative_embeds()
-    stage1_state = {n: p.detach().clone() for n, p in adapter_params(model, STUDENT).items()}
+    stage1_state = {n: p.detach().clone() for n, p in adapter_params(student, STUDENT).items()}
 
     def data_fn(generator: torch.Generator):
         idx = torch.randint(data.latents.shape[0], (cfg.stage2.batch_size,), generator=generator)
         return SimpleNamespace(latents=data.latents[idx], prompt_embeds=data.prompt_embeds[idx], index=idx,
                                noise=data.noise[idx])
 
-    ckpt_dir = paths.ckpt("stage2")
+    ckpt_dir = paths.ckpt(name)
     if fresh and (ckpt_dir / "last.pt").exists():
         (ckpt_dir / "last.pt").unlink()
-    trainer = Stage2Trainer(model, cfg, data_fn, negative, stage1_fn=stage1_fn_for(model, cfg, negative),
-                            ckpt_dir=ckpt_dir)
+    trainer = Stage2Trainer(model, cfg, data_fn, negative, stage1_fn=stage1_fn_for(student, cfg, negative),
+                            ckpt_dir=ckpt_dir, rollout=rollout)
     resumed = trainer.maybe_resume()
     steps = max_steps if max_steps is not None else cfg.stage2.max_steps
     t_train = time.perf_counter()
     trainer.train(steps, progress=progress)
     train_seconds = time.perf_counter() - t_train
 
-    out_dir = paths.stage2
+    out_dir = paths.root / name
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter_path, ema_path = out_dir / "adapter.safetensors", out_dir / "ema_adapter.safetensors"
     meta = {"steps": trainer.state.step, "paradigm": "flowmap", "lora_rank": cfg.student.lora_rank}
-    save_adapter(model, adapter_path, STUDENT, metadata=meta)
-    final_state = {n: p.detach().clone() for n, p in trainer.student.items()}
-    with torch.no_grad():
-        for n, p in trainer.student.items():
-            p.copy_(trainer.ema.shadow[n])
-    save_adapter(model, ema_path, STUDENT, metadata=meta)
-    for n, p in trainer.student.items():
-        p.data.copy_(final_state[n])
+    if arch != "bidirectional":  # as far_stage1's: the gate builds the architecture from the metadata
+        meta.update(architecture=arch, chunk_partition=",".join(str(c) for c in cfg.student.chunk_partition))
+    save_adapter(student, adapter_path, STUDENT, metadata=meta)
+    save_adapter(student, ema_path, STUDENT, state=state_to_peft_keys(student, trainer.ema_state()), metadata=meta)
 
     t_eval = time.perf_counter()
     m = min(eval_samples, data.latents.shape[0])
     reference = eval_reference(cfg, teacher, data, negative, m, cfg.stage2.real_guidance_scale)
-    evaluation = evaluate(model, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
+    evaluation = evaluate(student, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
                           cfg.model.flow_shift, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
 
     hist = trainer.state.history
     tail = hist[-max(1, len(hist) // 10):]
-    loss_csv = paths.plots / "stage2_loss.csv"
+    loss_csv = paths.plots / f"{name}_loss.csv"
     write_loss_csv(loss_csv, hist)
     metrics = {
         "steps": trainer.state.step,
         "resumed": resumed,
+        "architecture": arch,
         "final": {k: sum(r.get(k, 0.0) for r in tail) / len(tail) for k in ("loss", "dmd", "stage1", "fake")},
         "seconds": {"train": train_seconds, "eval": eval_seconds, "total": time.perf_counter() - t_start,
                     "per_step": train_seconds / max(1, len(hist))},
@@ -239,9 +292,12 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
         "eval_metrics_note": "reference: the teacher's 50-step samples of the same noises at CFG "
                              f"{cfg.stage2.real_guidance_scale:g} (the real score's guidance). latent_fd: Fréchet "
                              "distance of per-sample latent statistics; channel_fd: of per-position channel vectors; "
-                             "paired_mse: vs the teacher sample from the same noise. Lower is better.",
+                             "paired_mse: vs the teacher sample from the same noise. Lower is better."
+                             + (" FAR: N steps per chunk, chunk by chunk with the KV cache (far_generate); real "
+                                "and fake scores bidirectional on the whole video." if arch != "bidirectional"
+                                else ""),
     }
-    metrics_path = write_json(paths.metric("stage2"), metrics)
+    metrics_path = write_json(paths.metric(name), metrics)
     if (ckpt_dir / "last.pt").exists():
         (ckpt_dir / "last.pt").unlink()  # finished: a later run starts from the outputs, not a stale checkpoint
     return Stage2Outputs(adapter_path, ema_path, metrics_path, loss_csv)
