@@ -111,8 +111,12 @@ def test_onnx_runtime_generation_equals_torch_far_generate(scfg, tmp_path):
         ours = far_generate_onnx(sessions, noise[:b], text[:b], n, 5.0, part, context=ctx)
         assert float(ref.abs().max()) > 0.5
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging directory removed
     with pytest.raises(ValueError, match="chunk_2"):
         far_generate_onnx({k: v for k, v in sessions.items() if k != "chunk_2"}, noise, text, 1, 5.0, part)
+    (tmp_path / "chunk_1.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="chunk_1.onnx"):
+        load_far_sessions(tmp_path)
 
 
 def test_export_refuses_an_unmerged_student():

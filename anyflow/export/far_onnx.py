@@ -34,6 +34,9 @@ the same loop on the torch wrappers (the tested reference of the export).
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -299,6 +302,24 @@ def export_far(model, out_dir: str | Path, latent_shape: Sequence[int], text_sha
         raise ValueError(f"export_far: chunk_partition {tuple(partition)} sums to {sum(partition)}, latent_shape "
                          f"has {f} frames")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".far_onnx.", dir=out_dir))
+    try:
+        names = _export_graphs(model, staging, partition, (c, h, w), text_shape, opset)
+        for p in sorted(staging.iterdir()):  # graphs (and any external weight files) first, the manifest last
+            os.replace(p, out_dir / p.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    paths = {n: out_dir / name for n, name in names.items()}
+    paths["manifest"] = write_json(out_dir / MANIFEST, {
+        "chunk_partition": partition, "latent_shape": [c, f, h, w], "text_shape": list(text_shape),
+        "full_chunk_limit": model.config.full_chunk_limit, "opset": opset, "graphs": names})
+    return paths
+
+
+def _export_graphs(model, out_dir: Path, partition: list, chw: tuple, text_shape, opset: int) -> dict[str, str]:
+    """Trace every graph into ``out_dir`` (the caches of example chunks feed the next graph's example inputs)."""
+    c, h, w = chw
     g = torch.Generator().manual_seed(0)
     dtype = next(model.parameters()).dtype
     text = torch.randn(2, *text_shape, generator=g).to(dtype)
@@ -330,11 +351,7 @@ def export_far(model, out_dir: str | Path, latent_shape: Sequence[int], text_sha
                 cache = step(prefix[:, :, bounds[k]:], torch.zeros(2), torch.zeros(2), text, *cache)[1:]
     for p in paths.values():
         check_onnx(p)
-    paths["manifest"] = write_json(out_dir / MANIFEST, {
-        "chunk_partition": partition, "latent_shape": [c, f, h, w], "text_shape": list(text_shape),
-        "full_chunk_limit": model.config.full_chunk_limit, "opset": opset,
-        "graphs": {n: p.name for n, p in paths.items()}})
-    return paths
+    return {n: p.name for n, p in paths.items()}
 
 
 def load_far_sessions(out_dir: str | Path, threads: int = 0) -> tuple[dict, list[int]]:
@@ -346,5 +363,8 @@ def load_far_sessions(out_dir: str | Path, threads: int = 0) -> tuple[dict, list
     for field in ("graphs", "chunk_partition"):
         if field not in meta:
             raise ValueError(f"{out_dir / MANIFEST}: missing field {field!r}")
+    missing = [name for name in meta["graphs"].values() if not (out_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir / MANIFEST}: graphs listed but missing: {missing}")
     return ({n: session(out_dir / name, threads=threads) for n, name in meta["graphs"].items()},
             list(meta["chunk_partition"]))
