@@ -50,6 +50,7 @@ from anyflow.export.rotary import rotate_pairs
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 MANIFEST = "far_onnx.json"
+RELEASE_SUBDIR = "onnx/far"  # where anyflow export puts the graphs in a FAR release
 
 
 # ------------------------------------------------------------------------------------------------ swaps
@@ -210,57 +211,71 @@ class FARCacheWrite(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ generation
-StepFn = Callable[..., tuple]
+Graph = Callable[..., tuple]
 
 
-def _chunk_loop(step: Callable[[int, tuple], StepFn], write: Callable[[int], Optional[Callable]], noise, text,
-                num_steps: int, shift: float, partition: Sequence[int], context=None) -> torch.Tensor:
-    """far_generate's loop (flow-map paradigm) over ``step(k, (z, t, r, text, *cache)) → (u, k_out, v_out)`` and
-    ``write(k)`` (a recompute graph ``(prefix, text) → cache`` or None: append through chunk k's step)."""
-    from anyflow.sampling import flowmap_sample
+class GraphChunkStep:
+    """The :class:`~anyflow.export.far_runtime.ChunkStep` over per-chunk graphs — name → callable on tensors
+    returning a tuple: ``chunk_{k}(z, t, r, text[, k_cache, v_cache]) → (u, k_out, v_out)`` for every k and
+    ``cache_{k}(prefix, text) → (k_cache, v_cache)`` where compression starts (ONNX Runtime sessions through
+    :func:`chunk_step`, or the torch wrappers). The cache write after chunk k (``commit``) is ``cache_{k}`` on the
+    clean prefix where it exists, else chunk k's graph on the clean chunk at t = r = 0, appending its K/V.
 
-    b, _, f = noise.shape[:3]
-    partition = list(partition)
-    if sum(partition) != f:
-        raise ValueError(f"chunk_partition: {tuple(partition)} sums to {sum(partition)}, noise has {f} frames")
-    bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
-    out = torch.zeros_like(noise)
-    n_ctx = 0
-    if context is not None:
-        if context.shape[2] not in bounds[1:] or context.shape[:2] != noise.shape[:2] or \
-                context.shape[3:] != noise.shape[3:]:
-            raise ValueError(f"context {tuple(context.shape)} must match noise {tuple(noise.shape)} and end on a "
-                             f"chunk boundary of {tuple(partition)}")
-        out[:, :, :context.shape[2]] = context
-        n_ctx = bounds.index(context.shape[2])
-    cache: tuple = ()
-    for k in range(len(partition)):
-        lo, hi = bounds[k], bounds[k + 1]
-        if k >= n_ctx:
-            out[:, :, lo:hi] = flowmap_sample(lambda z, t, r: step(k, (z, t, r, text, *cache))[0],
-                                              noise[:, :, lo:hi], num_steps, shift)
-        if k < len(partition) - 1:
-            recompute = write(k)
-            zeros = torch.zeros(b)
-            cache = tuple(recompute(out[:, :, :hi], text) if recompute is not None else
-                          step(k, (out[:, :, lo:hi], zeros, zeros, text, *cache))[1:])
-    return out
+    ``partition`` (the exported chunk partition) and ``hw`` (latent H, W) fix what the graphs can run: ``reset``
+    refuses another geometry or a longer partition, naming ``where`` (the graphs' directory)."""
+
+    def __init__(self, graphs: Mapping[str, Graph], partition: Optional[Sequence[int]] = None,
+                 hw: Optional[Sequence[int]] = None, where: str = "far_onnx"):
+        self.graphs, self.where = dict(graphs), where
+        self.partition = None if partition is None else list(partition)
+        self.hw = None if hw is None else tuple(int(x) for x in hw)
+
+    def reset(self, text, partition, h, w):
+        partition = list(partition)
+        if self.partition is not None and partition != self.partition[:len(partition)]:
+            raise ValueError(f"{self.where}: the graphs are exported for chunk_partition {self.partition} (one graph "
+                             f"per chunk index); {partition} is not a prefix of it — use --backend torch for other "
+                             "lengths (--length-chunks), or re-export")
+        if self.hw is not None and (h, w) != self.hw:
+            raise ValueError(f"{self.where}: the graphs are exported for latents {self.hw[0]}×{self.hw[1]}, got {h}×{w}")
+        missing = [f"chunk_{k}" for k in range(len(partition)) if f"chunk_{k}" not in self.graphs]
+        if missing:
+            raise ValueError(f"{self.where}: no graphs {missing} (one chunk graph per chunk index)")
+        self.text, self.cache = text, ()
+        self.bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
+
+    def velocity(self, k, z, t, r):
+        return self.graphs[f"chunk_{k}"](z, t, r, self.text, *self.cache)[0]
+
+    def commit(self, k, clean):
+        recompute = self.graphs.get(f"cache_{k}")
+        if recompute is not None:
+            self.cache = tuple(recompute(clean, self.text))
+        else:
+            zeros = torch.zeros(clean.shape[0], dtype=clean.dtype)
+            chunk = clean[:, :, self.bounds[k]:self.bounds[k + 1]]
+            self.cache = tuple(self.graphs[f"chunk_{k}"](chunk, zeros, zeros, self.text, *self.cache)[1:])
 
 
 @torch.no_grad()
 def far_generate_functional(model, noise, prompt_embeds, num_steps: int, shift: float,
                             chunk_partition: Optional[Sequence[int]] = None, context=None) -> torch.Tensor:
-    """:func:`anyflow.models.far.far_generate` (flow-map) through :class:`FARChunkStep` / :class:`FARCacheWrite`."""
+    """:func:`anyflow.models.far.far_generate` (flow-map) through :class:`FARChunkStep` / :class:`FARCacheWrite`
+    (:class:`GraphChunkStep` on the torch wrappers, sampled by :func:`anyflow.export.far_runtime.far_sample`)."""
+    from anyflow.export.far_runtime import far_sample
+
     partition = list(chunk_partition or model.config.chunk_partition)
     h, w = noise.shape[3:]
-    steps = [FARChunkStep(model, partition, k, h, w) for k in range(len(partition))]
-    writes = [FARCacheWrite(model, partition, k, h, w) if needs_recompute(model, partition, k) else None
-              for k in range(len(partition))]
-    return _chunk_loop(lambda k, args: steps[k](*args), lambda k: writes[k], noise, prompt_embeds, num_steps,
-                       shift, partition, context)
+    graphs: dict[str, Graph] = {}
+    for k in range(len(partition)):
+        graphs[f"chunk_{k}"] = FARChunkStep(model, partition, k, h, w)
+        if needs_recompute(model, partition, k):
+            graphs[f"cache_{k}"] = FARCacheWrite(model, partition, k, h, w)
+    return far_sample(GraphChunkStep(graphs, partition, (h, w)), noise, prompt_embeds, num_steps, shift, partition,
+                      context)
 
 
-def _ort_fn(sess) -> Callable:
+def _ort_fn(sess) -> Graph:
     names = [i.name for i in sess.get_inputs()]
 
     def run(*args):
@@ -274,15 +289,27 @@ def far_generate_onnx(sessions: Mapping[str, object], noise: torch.Tensor, text_
                       context: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`anyflow.models.far.far_generate` (flow-map paradigm) on ONNX Runtime. ``sessions``: name →
     ``onnxruntime.InferenceSession`` (or path) for ``chunk_{k}`` (every k) and ``cache_{k}`` (where exported),
-    e.g. :func:`load_far_sessions`. noise (B, C, F, H, W), context (B, C, Fc, H, W) clean first frames (I2V)."""
-    fns = {}
-    for name, s in sessions.items():
-        fns[name] = _ort_fn(session(s) if isinstance(s, (str, Path)) else s)
-    missing = [f"chunk_{k}" for k in range(len(chunk_partition)) if f"chunk_{k}" not in fns]
-    if missing:
-        raise ValueError(f"far_generate_onnx: sessions lack {missing} (one chunk graph per chunk index)")
-    return _chunk_loop(lambda k, args: fns[f"chunk_{k}"](*args), lambda k: fns.get(f"cache_{k}"), noise,
-                       text_embeds, num_steps, shift, chunk_partition, context)
+    e.g. :func:`load_far_sessions`. noise (B, C, F, H, W), context (B, C, Fc, H, W) clean first chunks (I2V)."""
+    from anyflow.export.far_runtime import far_sample
+
+    fns = {n: _ort_fn(session(s) if isinstance(s, (str, Path)) else s) for n, s in sessions.items()}
+    step = GraphChunkStep(fns, where="far_generate_onnx: sessions")
+    return far_sample(step, noise, text_embeds, num_steps, shift, chunk_partition, context)
+
+
+def chunk_step(root: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
+               threads: int = 0) -> GraphChunkStep:
+    """The ONNX Runtime :class:`~anyflow.export.far_runtime.ChunkStep` of a FAR release (graphs under
+    ``<root>/onnx/far``, :data:`RELEASE_SUBDIR`) or of an :func:`export_far` directory ``root``; missing or
+    unloadable graphs raise naming the file."""
+    root = Path(root)
+    where = root if (root / MANIFEST).is_file() else root / RELEASE_SUBDIR
+    if not (where / MANIFEST).is_file():
+        raise FileNotFoundError(f"{where / MANIFEST}: the FAR transformer graphs are missing from the release "
+                                "(re-export it with anyflow export, or use --backend torch)")
+    sessions, partition, meta = _load_sessions(where, providers, threads)
+    return GraphChunkStep({n: _ort_fn(s) for n, s in sessions.items()}, partition, meta["latent_shape"][2:],
+                          where=str(where))
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -354,17 +381,29 @@ def _export_graphs(model, out_dir: Path, partition: list, chw: tuple, text_shape
     return {n: p.name for n, p in paths.items()}
 
 
-def load_far_sessions(out_dir: str | Path, threads: int = 0) -> tuple[dict, list[int]]:
+def load_far_sessions(out_dir: str | Path, threads: int = 0,
+                      providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[dict, list[int]]:
     """``(sessions, chunk_partition)`` from an :func:`export_far` directory (reads ``far_onnx.json``)."""
+    sessions, partition, _ = _load_sessions(Path(out_dir), providers, threads)
+    return sessions, partition
+
+
+def _load_sessions(out_dir: Path, providers: Sequence[str], threads: int) -> tuple[dict, list[int], dict]:
     from anyflow.utils.io import read_json
 
-    out_dir = Path(out_dir)
     meta = read_json(out_dir / MANIFEST)
-    for field in ("graphs", "chunk_partition"):
+    for field in ("graphs", "chunk_partition", "latent_shape"):
         if field not in meta:
             raise ValueError(f"{out_dir / MANIFEST}: missing field {field!r}")
     missing = [name for name in meta["graphs"].values() if not (out_dir / name).exists()]
     if missing:
-        raise FileNotFoundError(f"{out_dir / MANIFEST}: graphs listed but missing: {missing}")
-    return ({n: session(out_dir / name, threads=threads) for n, name in meta["graphs"].items()},
-            list(meta["chunk_partition"]))
+        raise FileNotFoundError(f"{out_dir / MANIFEST}: graphs listed but missing: "
+                                f"{[str(out_dir / m) for m in missing]}")
+    sessions = {}
+    for n, name in meta["graphs"].items():
+        try:
+            sessions[n] = session(out_dir / name, providers, threads)
+        except Exception as err:  # onnxruntime raises its own pybind exception types
+            raise ValueError(f"{out_dir / name}: ONNX Runtime cannot load this graph ({type(err).__name__}: "
+                             f"{str(err)[:200]}); re-export the release") from None
+    return sessions, list(meta["chunk_partition"]), meta
