@@ -2,6 +2,7 @@
 image-to-video and video-to-video chunk by chunk with the KV cache — against ``far_generate`` on the unmerged
 adapter model; the pluggable chunk step; clear errors for bad inputs. Tiny random teacher and adapter built here."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def backend_info(release):
 
 
 def test_far_export_manifest_and_round_trip(far_release):
-    """The release records architecture far + chunk_partition, has no transformer ONNX (with a note), and generate
+    """The release records architecture far + chunk_partition, has per-chunk transformer graphs under onnx/far/ (no
+    onnx/transformer.onnx, with a note) and a VAE encoder graph per context length, and generate
     (torch, any N per chunk, any length) equals far_generate on the adapter model for the same noise and text."""
     from anyflow.export.far_runtime import generate_far
     from anyflow.export.manifest import verify_release
@@ -80,8 +82,14 @@ def test_far_export_manifest_and_round_trip(far_release):
     assert manifest["architecture"] == "far" and manifest["chunk_partition"] == [1, 2, 2]
     assert manifest["runtime"]["architecture"] == "far" and manifest["runtime"]["temporal_factor"] == 2
     paths = {e["path"] for e in manifest["files"]}
-    assert "onnx/transformer.onnx" not in paths and {"onnx/text_encoder.onnx", "onnx/vae_decoder.onnx"} <= paths
-    assert "far_onnx" in manifest["notes"][0] and manifest["components"] == ["text_encoder", "vae_decoder"]
+    far = json.loads((release / "onnx" / "far" / "far_onnx.json").read_text())
+    graphs = {f"onnx/far/{g}" for g in far["graphs"].values()} | {"onnx/far/far_onnx.json"}
+    assert {f"chunk_{k}" for k in range(3)} <= set(far["graphs"]) and far["chunk_partition"] == [1, 2, 2]
+    assert "onnx/transformer.onnx" not in paths and graphs | {"onnx/text_encoder.onnx", "onnx/vae_decoder.onnx",
+                                                              "onnx/vae_encoder_f1.onnx",
+                                                              "onnx/vae_encoder_f5.onnx"} <= paths
+    assert "onnx/far/chunk_{k}.onnx" in manifest["notes"][0]
+    assert manifest["components"] == ["transformer", "text_encoder", "vae_decoder", "vae_encoder"]
     assert manifest["parity"]["far_generate_4step"]["latents"]["max_abs"] <= 1e-5
     assert manifest["adapter"] == str(adapter)
 
@@ -210,8 +218,8 @@ def test_bad_inputs_give_errors_naming_the_file(far_release, tmp_path, capsys):
 
 def test_onnxruntime_refuses_a_far_release_unless_a_chunk_step_is_plugged_in(far_release, monkeypatch, tmp_path,
                                                                             capsys):
-    """No anyflow.export.far_onnx chunk step: ORT and TensorRT refuse a FAR release naming the way out; with one
-    plugged in (here the torch step), the ORT backend samples through it and matches torch (its text encoder and
+    """Without anyflow.export.far_onnx's chunk step: ORT and TensorRT refuse a FAR release naming the way out; with
+    another one plugged in (here the torch step), the ORT backend samples through it and matches torch (its text encoder and
     VAE decoder are the ONNX graphs)."""
     import sys
     import types
@@ -221,7 +229,13 @@ def test_onnxruntime_refuses_a_far_release_unless_a_chunk_step_is_plugged_in(far
     from anyflow.export.runtime import make_backend
 
     *_, release = far_release
-    monkeypatch.setitem(sys.modules, "anyflow.export.far_onnx", types.ModuleType("anyflow.export.far_onnx"))
+    import anyflow.export
+
+    def plug(module):  # the package attribute too: `from anyflow.export import far_onnx` reads it first
+        monkeypatch.setitem(sys.modules, "anyflow.export.far_onnx", module)
+        monkeypatch.setattr(anyflow.export, "far_onnx", module, raising=False)
+
+    plug(types.ModuleType("anyflow.export.far_onnx"))
     with pytest.raises(NotImplementedError, match="far_onnx.*--backend torch"):
         make_backend("onnxruntime", release)
     with pytest.raises(NotImplementedError, match="--backend torch"):
@@ -233,7 +247,7 @@ def test_onnxruntime_refuses_a_far_release_unless_a_chunk_step_is_plugged_in(far
     torch_be, info = backend_info(release)
     plugged = types.ModuleType("anyflow.export.far_onnx")
     plugged.chunk_step = lambda root, providers, threads: TorchFarStep(torch_be.pipeline.transformer)
-    monkeypatch.setitem(sys.modules, "anyflow.export.far_onnx", plugged)
+    plug(plugged)
     from anyflow.export.runtime import generate
 
     ort = generate(make_backend("onnxruntime", release), info, PROMPTS, 2, seed=4)

@@ -3,9 +3,9 @@ text-to-video, image-to-video (a given first frame) and video-to-video (a given 
 
 The transformer of a FAR release is driven through a :class:`ChunkStep` — one chunk's velocity given the clean
 chunks before it (in its KV cache) — so the sampler :func:`far_sample` is the same whatever executes the model:
-:class:`TorchFarStep` (eager, the diffusers ``AnyFlowFARTransformer3DModel`` of ``pipeline/transformer``) today, an
-ONNX chunk step from ``anyflow.export.far_onnx.chunk_step(root, providers, threads)`` when that module provides one
-(:func:`far_onnx_chunk_step`; until then ``--backend onnxruntime`` refuses a FAR release with a clear message).
+:class:`TorchFarStep` (eager, the diffusers ``AnyFlowFARTransformer3DModel`` of ``pipeline/transformer``) or the
+ONNX Runtime step ``anyflow.export.far_onnx.chunk_step(root, providers, threads)`` on the release's per-chunk graphs
+``onnx/far/`` (:func:`far_onnx_chunk_step`; TensorRT refuses a FAR release with a clear message).
 Conditioning frames are VAE-encoded by the backend (``encode_video``) and must end on a chunk boundary: with the
 causal Wan VAE, pixel frame 0 alone is latent frame 0 (I2V = chunk 0 of ``[1, 2, 2]``), and each later latent frame
 covers ``temporal_factor`` pixel frames (:func:`context_latent_frames`).
@@ -176,8 +176,8 @@ def generate_far(backend, info: ReleaseInfo, prompts: Sequence[str], num_steps: 
 
 
 def far_onnx_chunk_step(root: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
-    """The ONNX Runtime :class:`ChunkStep` of a FAR release from ``anyflow.export.far_onnx.chunk_step`` — or a clear
-    error while that module (the causal chunk step with KV cache as ONNX) does not provide one."""
+    """The ONNX Runtime :class:`ChunkStep` of a FAR release from ``anyflow.export.far_onnx.chunk_step`` (the per-chunk
+    graphs with the KV cache as tensors) — or a clear error if that module does not provide one."""
     try:
         from anyflow.export import far_onnx
     except ImportError:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_FILES = {"transformer": "onnx/transformer.onnx", "text_encoder": "onnx/text_encoder.onnx",
               "vae_decoder": "onnx/vae_decoder.onnx"}
+VAE_ENCODER_FILE = "onnx/vae_encoder_f{frames}.onnx"  # FAR releases: one per context length (pixel frames)
 ENGINE_FILES = {"transformer": "tensorrt/transformer.engine", "text_encoder": "tensorrt/text_encoder.engine",
                 "vae_decoder": "tensorrt/vae_decoder.engine"}
 
@@ -247,6 +248,7 @@ class OnnxBackend:
         from anyflow.export.onnx_export import session
 
         root = Path(root)
+        self.root, self.providers, self.threads = root, tuple(providers), threads
         self.sessions = {}
         self.far_step = far_step  # a FAR release: the chunk step replaces onnx/transformer.onnx (far_onnx_chunk_step)
         for key, rel in ONNX_FILES.items():
@@ -272,11 +274,29 @@ class OnnxBackend:
         return self.far_step
 
     def encode_video(self, video_BCFHW):
-        raise NotImplementedError("image/video conditioning needs the VAE encoder, which the release has only as "
-                                  "diffusers weights: use --backend torch")
+        """Video (B, 3, F_px, H, W) in [−1, 1] → normalised latents through ``onnx/vae_encoder_f{F_px}.onnx`` (a
+        FAR release exports one per context length, batch 1: loop over the batch); none for F_px names the file."""
+        from anyflow.export.onnx_export import session
+
+        n = int(video_BCFHW.shape[2])
+        rel = VAE_ENCODER_FILE.format(frames=n)
+        if rel not in self.sessions:
+            path = self.root / rel
+            if not path.is_file():
+                have = sorted(p.name for p in (self.root / "onnx").glob("vae_encoder_f*.onnx"))
+                raise NotImplementedError(f"{path}: no VAE encoder graph for a {n}-frame context in this release "
+                                          f"(it has {have or 'none'}); use --backend torch")
+            self.sessions[rel] = session(path, self.providers, self.threads)
+        sess = self.sessions[rel]
+        return torch.cat([torch.from_numpy(sess.run(None, {"video": v[None].float().contiguous().numpy()})[0])
+                          for v in video_BCFHW])
 
     def decode(self, z_BCFHW):
         # the decoder graph is batch 1 (the causal-conv frame loop is unrolled at export); loop over the batch
+        frames = self.sessions["vae_decoder"].get_inputs()[0].shape[2]
+        if isinstance(frames, int) and z_BCFHW.shape[2] != frames:
+            raise ValueError(f"{self.root / ONNX_FILES['vae_decoder']}: exported for {frames} latent frames, got "
+                             f"{z_BCFHW.shape[2]} (another --length-chunks?); use --backend torch for other lengths")
         return torch.cat([self._run("vae_decoder", latents=z[None].float().contiguous()) for z in z_BCFHW])
 
 

@@ -21,10 +21,12 @@ graph through ``onnx.checker`` and ONNX Runtime vs torch (max abs/rel error; the
 
 A causal adapter (metadata ``architecture: far``, e.g. ``artifacts/far_stage1/ema_adapter.safetensors``) is built
 as ``AnyFlowFARTransformer3DModel`` with the adapter's ``chunk_partition``, merged and saved as an
-``AnyFlowFARPipeline`` directory; the manifest records ``architecture: far``, ``chunk_partition`` and a note that
-``onnx/transformer.onnx`` is left out (the FAR chunk step with KV cache belongs to ``anyflow/export/far_onnx.py``);
-the text encoder and VAE decoder graphs are exported and checked as usual. Its generation check is the release as
-saved, reloaded by the runtime, against ``far_generate`` on the in-memory merged model (4 steps per chunk).
+``AnyFlowFARPipeline`` directory; the manifest records ``architecture: far`` and ``chunk_partition``. Instead of
+``onnx/transformer.onnx`` the transformer is exported as per-chunk graphs with the KV cache as tensors
+(``onnx/far/``, :func:`anyflow.export.far_onnx.export_far`), and the VAE encoder as ``onnx/vae_encoder_f{n}.onnx``
+per I2V/V2V context length (:mod:`anyflow.export.far_release`). Its generation checks (4 steps per chunk): the
+release as saved, reloaded by the torch runtime, against ``far_generate`` on the in-memory merged model, and
+ONNX Runtime against that torch runtime (``parity.far_onnx_generate_4step``, within export.atol/rtol).
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     import torch
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 
+    from anyflow.export import far_release as fr
     from anyflow.export import manifest as mf
     from anyflow.export import onnx_export as ox
     from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate
@@ -260,6 +263,12 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
             ox.check_onnx(path)
             parity["vae_decoder"] = ox.parity(path, ox.VaeDecoderGraph(teacher_pipe.vae), {"latents": z}).as_dict()
         seconds["onnx_vae_decoder"] = time.perf_counter() - t0
+        if far:  # the transformer as per-chunk graphs (onnx/far/), the VAE encoder per context length
+            t0 = time.perf_counter()
+            parity.update(fr.export_far_graphs(merged, teacher_pipe.vae, onnx_dir, shape, text, scfg.chunk_partition,
+                                               cfg.export.components, cfg.export.opset,
+                                               (cfg.video.height, cfg.video.width)))
+            seconds["onnx_far"] = time.perf_counter() - t0
 
         runtime = {"flow_shift": cfg.model.flow_shift, "max_text_len": cfg.model.max_text_len,
                    "latent_shape": list(shape), "fps": cfg.video.fps,
@@ -269,16 +278,21 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
                                           "r": "B,F float32 (1000*shift(tau))", "text_embeds": "B,L,D float32"},
                    "vae_decoder": "batch 1, fixed latent frame count (causal-conv frame loop unrolled)"}
         if far:
-            runtime.update(far_runtime_block(scfg, merged, teacher_pipe.vae))
+            runtime.update(fr.far_runtime_block(scfg, merged, teacher_pipe.vae))
         mf.write_manifest(tmp, {"files": [], "git_sha": "", "dvc_lock_digest": "", "gate": {"passed": False},
                                 "runtime": runtime})  # provisional: lets the runtime read shapes for the check
 
         # 3. a full 4-step generation: ONNX Runtime vs torch
         if far:  # the saved diffusers dir, reloaded by the runtime, samples what the merged model samples
             t0 = time.perf_counter()
-            parity["far_generate_4step"], frames = far_reload_check(tmp, merged, tok, cfg.model.flow_shift)
+            parity["far_generate_4step"], ref = fr.far_reload_check(tmp, merged, tok, PROBE_PROMPTS,
+                                                                    cfg.model.flow_shift)
+            got = None
+            if set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:  # and on ORT
+                parity["far_onnx_generate_4step"], got = fr.far_onnx_check(tmp, ref, tok, PROBE_PROMPTS)
             if cfg.model.source == "toy":
-                quality["generate_4step"] = {"torch": rate(frames, PROBE_PROMPTS)}
+                quality["generate_4step"] = (rate_alike(ref.frames, got.frames, PROBE_PROMPTS) if got is not None
+                                             else {"torch": rate(ref.frames, PROBE_PROMPTS)})
             seconds["generate_check"] = time.perf_counter() - t0
         elif set(cfg.export.components) >= {"transformer", "text_encoder", "vae_decoder"}:
             t0 = time.perf_counter()
@@ -303,8 +317,9 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
         gate = gate_verdict(reports, adapter_path)
         extra = {"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)}
         if far:
-            extra.update(architecture="far", chunk_partition=list(scfg.chunk_partition), notes=[FAR_ONNX_NOTE],
-                         components=[c for c in cfg.export.components if c != "transformer"])
+            extra.update(architecture="far", chunk_partition=list(scfg.chunk_partition), notes=[fr.FAR_ONNX_NOTE],
+                         components=list(cfg.export.components) + (["vae_encoder"] if "vae_encoder" in parity
+                                                                   else []))
         manifest = mf.build_manifest(
             tmp, git_sha=git_sha, git_dirty=dirty, dvc_lock=mf.dvc_lock_digest(Path(repo) / "dvc.lock"), gate=gate,
             profile=cfg.profile, parity=parity, extra=extra)
@@ -318,40 +333,6 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
     log.info("release %s: %d files, gate passed=%s, %.1f s", release, len(manifest["files"]),
              manifest["gate"]["passed"], seconds["total"])
     return ExportOutputs(release, release / mf.MANIFEST, metrics_path)
-
-
-FAR_ONNX_NOTE = ("architecture far: onnx/transformer.onnx is not exported — the causal transformer runs as a chunk "
-                 "step with KV cache (anyflow/export/far_onnx.py, not part of this release); serve with "
-                 "`anyflow generate --backend torch` (pipeline/ is an AnyFlowFARPipeline directory)")
-
-
-def far_runtime_block(scfg, merged, vae) -> dict:
-    """What the runtime needs to sample a FAR release chunk by chunk (``ReleaseInfo``)."""
-    return {"architecture": "far", "chunk_partition": list(scfg.chunk_partition),
-            "full_chunk_limit": int(merged.config.full_chunk_limit), "paradigm": scfg.paradigm,
-            "temporal_factor": 2 ** sum(bool(x) for x in vae.config.temperal_downsample),
-            "transformer_inputs": "AnyFlowFARTransformer3DModel, chunk by chunk with its KV cache "
-                                  "(anyflow.export.far_runtime.ChunkStep)",
-            "notes": FAR_ONNX_NOTE}
-
-
-def far_reload_check(release: Path, merged, tokenizer, shift: float) -> tuple[dict, "object"]:
-    """4 steps per chunk through the runtime on the release as saved (``TorchBackend.from_release``) vs
-    :func:`anyflow.models.far.far_generate` on the in-memory merged model, same noise and text; returns the
-    parity entry and the runtime's uint8 frames."""
-    import torch
-
-    from anyflow.export import onnx_export as ox
-    from anyflow.export.runtime import ReleaseInfo, TorchBackend, generate, initial_noise, tokenize
-    from anyflow.models.far import far_generate
-
-    info = ReleaseInfo.read(release)
-    backend = TorchBackend.from_release(release)
-    got = generate(backend, info, PROBE_PROMPTS, 4, seed=0, tokenizer=tokenizer)
-    text = backend.encode(*tokenize(tokenizer, PROBE_PROMPTS, info.max_text_len))
-    noise = initial_noise(len(PROBE_PROMPTS), info.latent_shape, torch.Generator().manual_seed(0))
-    ref = far_generate(merged, noise.permute(0, 2, 1, 3, 4), text, 4, shift)
-    return {"latents": ox.compare(got.latents.permute(0, 2, 1, 3, 4).numpy(), ref.numpy()).as_dict()}, got.frames
 
 
 def rate(frames, prompts) -> dict:
