@@ -65,7 +65,7 @@ def test_scorers_recover_every_spec(corrupt):
             if corrupt == "noise_blur":
                 frames = np.clip(np.round(_blur(frames) + rng.normal(0, 8.0, frames.shape)), 0, 255).astype(np.uint8)
             r = ds.score_clip(frames, spec)
-            if not (r["color"] and r["vehicle"] and r["direction"]):
+            if not (r["color"] and r["vehicle"] and r["direction"] and r["road_scene"]):
                 wrong.append((spec.prompt, seed, r["pred_color"], r["pred_vehicle"], r["pred_direction"]))
     assert wrong == []
 
@@ -122,7 +122,34 @@ def test_score_videos_and_gate_score_use_driving_scorers():
         other = "red" if s.color != "red" else "blue"
         wrong[i][ds.vehicle_mask(frames[i])] = toy.COLORS[other]
     out2 = score(wrong, specs, x, x, fidelity.video_features(list(frames)), domain="driving")
-    assert out2["dimensions"]["color"] == 0.0 and out2["semantic"] == pytest.approx(2 / 3)
+    assert out2["dimensions"]["color"] == 0.0 and out2["semantic"] == pytest.approx(3 / 4)
+    # the lane markings painted over with road: the road-scene dimension fails, the other three still hold
+    bare = frames.copy()
+    bare[(bare == driving.STRIPE).all(-1)] = driving.ROAD
+    out3 = score(bare, specs, x, x, fidelity.video_features(list(frames)), domain="driving")
+    assert out3["dimensions"]["road_scene"] == 0.0 and out3["semantic"] == pytest.approx(3 / 4)
+    assert out3["dimensions"]["shape"] == out3["dimensions"]["direction"] == 1.0
+
+
+def test_lane_markings_known_answers():
+    spec = driving.Spec("red", "truck", "right")
+    frames, _ = driving.render(spec, 3)
+    assert ds.lane_markings(frames) == 1.0  # dashes of period H/4 cross every boundary band in every frame
+    bare = frames.copy()
+    bare[(bare == driving.STRIPE).all(-1)] = driving.ROAD
+    assert ds.lane_markings(bare) == 0.0 and ds.score_clip(bare, spec)["road_scene"] == 0
+    # markings in 3 of 9 frames: a third of the (frame, boundary) pairs, not a road scene
+    part = bare.copy()
+    part[:3] = frames[:3]
+    assert ds.lane_markings(part) == pytest.approx(1 / 3) and ds.score_clip(part, spec)["road_scene"] == 0
+    # dim markings (contrast 30 < MARKING_CONTRAST) do not count; a shapes-domain clip has none
+    dim = bare.copy()
+    dim[(frames == driving.STRIPE).all(-1)] = np.array(driving.ROAD) + 30
+    assert ds.lane_markings(dim) == 0.0
+    shapes_clip, _ = toy.render(toy.all_specs()[0], 0)
+    assert ds.lane_markings(shapes_clip) == 0.0
+    # a road without markings (the hand-made clips) is no road scene
+    assert ds.score_clip(_hand_made(toy.COLORS["blue"], 6, 20, 8, 0), spec)["road_scene"] == 0
 
 
 # --------------------------------------------------------------------------------------------- domain gate

@@ -100,3 +100,22 @@ def test_wan_profile_missing_dir_is_clear_error(tmp_path):
         verify_local(cfg)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_teacher(tmp_path / "nope")
+
+
+def test_vae_training_clips_mix_in_the_other_domain():
+    """teacher.vae_other_fraction: 0 gives exactly the shapes clips; otherwise that share of the clips are driving
+    scenes (lane markings, road colour) and the rest are the shapes clips the same stream would give."""
+    from anyflow.eval import driving_scorers as ds
+    from anyflow.models.toy_teacher import _clips, _vae_clips
+
+    cfg = build({})
+    specs, _ = toy.split(0, 0.25)
+    plain, _ = _clips(specs, 16, np.random.default_rng(3), cfg)
+    assert torch.equal(_vae_clips(specs, 16, np.random.default_rng(3), cfg, 0.0), plain)
+    mixed = _vae_clips(specs, 64, np.random.default_rng(4), cfg, 0.5)
+    pixels = toy.to_pixels(mixed)
+    is_road = np.array([ds.lane_markings(p) == 1.0 for p in pixels])
+    assert 0.3 < is_road.mean() < 0.7  # ~Binomial(64, 0.5)
+    ref, _ = _clips(specs, 64, np.random.default_rng(4), cfg)
+    kept = ~is_road
+    assert torch.equal(mixed[torch.from_numpy(kept)], ref[torch.from_numpy(kept)])

@@ -9,12 +9,17 @@ so the vehicle is found by chroma:
 * vehicle class: per visible frame the elongation ``std(y) / std(x)`` of the vehicle pixels at the half-chroma
   level (:func:`refined_mask`; a w × l rectangle gives l / w: car 1.36, truck 3.0), median over frames; truck
   when ≥ ``TRUCK_ELONGATION`` = 1.6 (also right on blurred reconstructions, which shorten both toward 1);
+* road scene: the lane markings — achromatic pixels brighter than the road by ``MARKING_CONTRAST`` in the 2-px
+  bands on the lane boundaries — visible in at least half the frames (the prompt asks for a driving scene; a clip
+  of a coloured object on a blank background, what a shapes-only student draws, fails it);
 * direction: least-squares slope of the vehicle's x centroid over the visible frames; the displacement
   slope·(F − 1) gives left/right, 'none' below ``toy_scorers.STATIC_FRACTION`` of the width.
 
 :func:`score_videos` returns the same structure as :func:`anyflow.eval.vbench_like.score_videos`, with the same
 dimension keys so VBench's aggregation and the gate policy apply unchanged: ``color``, ``shape`` (← vehicle class,
-VBench "object class"), ``direction`` (← lane-change direction); quality dimensions are computed on the vehicle
+VBench "object class"), ``direction`` (← lane-change direction), ``road_scene`` (toy semantic dimension "road
+scene", standing for VBench's "scene" on an accuracy scale: VBench's own normalisation of "scene", max 0.8222, is
+for caption-match rates); quality dimensions are computed on the vehicle
 mask (``background_cleanliness`` ← fraction of non-vehicle pixels that are achromatic road/stripe pixels).
 """
 
@@ -33,6 +38,7 @@ MIN_PIXELS = toy_scorers.MIN_PIXELS
 # VAE reconstructions of driving clips measure 1.03–1.23 / 1.96–2.19), so the cut sits between those ranges
 TRUCK_ELONGATION = 1.6
 BG_CHROMA_TOL = 30.0  # non-vehicle pixels at most this chromatic count as clean road
+MARKING_CONTRAST = 40.0  # stripes are 125 grey levels above the road; VAE reconstructions keep > 60
 
 
 def chroma(frames: np.ndarray) -> np.ndarray:
@@ -89,6 +95,22 @@ def classify_direction(mask: np.ndarray) -> str | None:
     return "right" if dx > 0 else "left"
 
 
+def lane_markings(frames: np.ndarray) -> float:
+    """Fraction of (frame, lane boundary) pairs showing lane markings: in the 2-px band on each lane boundary (columns ``b·W/3``), the
+    non-chromatic pixels (the vehicle may cross the band) brighter than the median road luminance by more than
+    ``MARKING_CONTRAST`` somewhere along the frame height. A clip shows the road scene when it is >= 0.5."""
+    f = np.asarray(frames, np.float32)
+    lum, chrom = f.mean(-1), chroma(f)
+    road = float(np.median(lum))
+    w = f.shape[2]
+    seen = []
+    for b in range(1, driving.NUM_LANES):
+        c = int(round(b * w / driving.NUM_LANES))
+        band = np.where(chrom[:, :, c - 1:c + 1] < BG_CHROMA_TOL, lum[:, :, c - 1:c + 1] - road, 0.0)
+        seen.append(band.max(axis=(1, 2)) > MARKING_CONTRAST)
+    return float(np.mean(seen))
+
+
 def score_clip(frames: np.ndarray, spec: "driving.Spec") -> dict:
     """Per-dimension correctness of a clip against ``spec``: ``{"color", "vehicle", "direction": 0|1, "pred_*",
     "visible_fraction"}``; a missing vehicle scores 0 on every dimension."""
@@ -100,7 +122,7 @@ def score_clip(frames: np.ndarray, spec: "driving.Spec") -> dict:
     pc, pv, pd = classify_color(frames, mask), classify_vehicle(fine), classify_direction(fine)
     visible = float(np.mean(mask.reshape(len(mask), -1).sum(1) >= MIN_PIXELS))
     return {"color": int(pc == spec.color), "vehicle": int(pv == spec.vehicle),
-            "direction": int(pd == spec.direction), "pred_color": pc, "pred_vehicle": pv, "pred_direction": pd,
+            "direction": int(pd == spec.direction), "road_scene": int(lane_markings(frames) >= 0.5), "pred_color": pc, "pred_vehicle": pv, "pred_direction": pd,
             "visible_fraction": visible}
 
 
@@ -178,5 +200,5 @@ def score_videos(videos: Sequence[np.ndarray], specs: Sequence["driving.Spec"]) 
     dims = {"temporal_flickering": mean("temporal_flickering"), "subject_consistency": mean("subject_consistency"),
             "motion_smoothness": mean("motion_smoothness"), "dynamic_degree": mean("dynamic"),
             "background_cleanliness": mean("background_cleanliness"), "color": mean("color"),
-            "shape": mean("vehicle"), "direction": mean("direction")}
+            "shape": mean("vehicle"), "direction": mean("direction"), "road_scene": mean("road_scene")}
     return {"dimensions": dims, "clips": clips}

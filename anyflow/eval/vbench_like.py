@@ -22,7 +22,8 @@ Dimensions (every score in [0, 1], higher is better; a clip is ``uint8 (F, H, W,
   similarity of the background across frames; the toy background is a constant colour, so cleanliness is the
   honest pixel analogue.
 * semantic: ``color`` ← toy colour accuracy (VBench "color"); ``object class`` ← toy shape accuracy;
-  ``direction`` ← toy direction accuracy (no VBench counterpart; weight 1, range [0, 1]).
+  ``direction`` ← toy direction accuracy (no VBench counterpart; weight 1, range [0, 1]); ``road scene`` ← the
+  driving domain's lane-marking check (:mod:`anyflow.eval.driving_scorers`; VBench "scene" on an accuracy scale).
 
 Aggregation (Vchitect/VBench ``scripts/constant.py`` + ``scripts/cal_final_score.py``): each dimension is min-max
 normalised with VBench's constants, ``n = (s − Min) / (Max − Min)`` (no clamping, as in VBench); Quality Score and
@@ -60,13 +61,14 @@ NORMALIZE_DIC: dict[str, dict[str, float]] = {
     "temporal style": {"Min": 0.0, "Max": 0.364},
     "overall consistency": {"Min": 0.0, "Max": 0.364},
     "direction": {"Min": 0.0, "Max": 1.0},  # ours (toy), not a VBench dimension
+    "road scene": {"Min": 0.0, "Max": 1.0},  # ours (driving toy domain): VBench "scene" as an accuracy
 }
 DIM_WEIGHT: dict[str, float] = {k: 1.0 for k in NORMALIZE_DIC}
 DIM_WEIGHT["dynamic degree"] = 0.5
 QUALITY_LIST = ("subject consistency", "background consistency", "temporal flickering", "motion smoothness",
                 "aesthetic quality", "imaging quality", "dynamic degree")
 SEMANTIC_LIST = ("object class", "multiple objects", "human action", "color", "spatial relationship", "scene",
-                 "appearance style", "temporal style", "overall consistency", "direction")
+                 "appearance style", "temporal style", "overall consistency", "direction", "road scene")
 QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0
 
 BG_TOL = 30.0  # RGB L2 distance to the background colour that still counts as clean background
@@ -74,7 +76,7 @@ BG_TOL = 30.0  # RGB L2 distance to the background colour that still counts as c
 TOY_TO_VBENCH = {"temporal_flickering": "temporal flickering", "subject_consistency": "subject consistency",
                  "motion_smoothness": "motion smoothness", "dynamic_degree": "dynamic degree",
                  "background_cleanliness": "background consistency", "color": "color", "shape": "object class",
-                 "direction": "direction"}
+                 "direction": "direction", "road_scene": "road scene"}
 
 
 # --- per-clip dimensions ---------------------------------------------------------------------------------------------

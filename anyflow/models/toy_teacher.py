@@ -124,9 +124,27 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, 2)
 
 
+def _vae_clips(specs, n, rng, cfg: Config, other_fraction: float) -> torch.Tensor:
+    """VAE training clips: shapes clips, each replaced with probability ``other_fraction`` by a clip of the other
+    toy domain (driving) — a general-purpose video VAE, as Wan's is, not one that only knows the teacher's domain."""
+    x, _ = _clips(specs, n, rng, cfg)
+    if other_fraction <= 0:
+        return x
+    from anyflow.data import driving
+
+    v = cfg.video
+    pick = rng.random(n) < other_fraction
+    others = driving.all_specs()
+    for i in np.nonzero(pick)[0]:
+        spec = others[int(rng.integers(0, len(others)))]
+        x[i] = toy.to_model_space(driving.render(spec, int(rng.integers(0, 2**31 - 1)), v.num_frames, v.height,
+                                                 v.width)[0])[0]
+    return x
+
+
 def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, seed: int,
               progress: bool = True, image_steps: int = 0, image_batch_size: int = 16, kl_weight: float = 1e-6,
-              fg_weight: float = 10.0) -> list[float]:
+              fg_weight: float = 10.0, other_fraction: float = 0.0) -> list[float]:
     """Reconstruction training; returns the loss curve (image phase, then video phase).
 
     Phase 1 (``image_steps``): single random frames (F = 1) of toy clips; phase 2 (``steps``): whole clips.
@@ -146,7 +164,7 @@ def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, s
                                                                       0.3 * lr)]
     for desc, n, bs, image, peak in phases:
         for step in tqdm(range(n), disable=not progress or n == 0, desc=desc):
-            x, _ = _clips(specs, bs, rng, cfg)
+            x = _vae_clips(specs, bs, rng, cfg, other_fraction)
             if image:  # one random frame per clip
                 x = x[:, :, int(rng.integers(0, x.shape[2])):][:, :, :1]
             post = vae.encode(x).latent_dist
@@ -224,7 +242,8 @@ def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
     teacher = build(cfg, seed=tc.seed)
     t0 = time.time()
     vae_losses = train_vae(teacher.vae, cfg, train_specs, tc.vae_steps, tc.vae_batch_size, tc.vae_lr, tc.seed,
-                           progress, image_steps=tc.vae_image_steps, image_batch_size=tc.vae_image_batch_size)
+                           progress, image_steps=tc.vae_image_steps, image_batch_size=tc.vae_image_batch_size,
+                           other_fraction=tc.vae_other_fraction)
     vae_seconds = time.time() - t0
     pool = max(16 * len(train_specs), 2 * tc.batch_size)  # 16 clips per training prompt (encode is cheap)
     z_raw, pool_specs = encode_pool(teacher.vae, cfg, train_specs, pool, tc.seed)
