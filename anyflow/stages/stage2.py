@@ -61,14 +61,19 @@ class Stage2Outputs:
 # --------------------------------------------------------------------------------------------- model assembly
 def build_model(cfg: Config, teacher, stage1_adapter: Path):
     """One base AnyFlow model: adapter ``student`` ← stage-1 EMA weights, adapter ``fake_score`` (fresh LoRA,
-    i.e. the teacher at init); adapters disabled = the teacher."""
+    i.e. the teacher at init); adapters disabled = the teacher. LoRA inits are drawn from a forked RNG seeded with
+    ``stage2.seed`` (peft draws LoRA A from the global RNG: unseeded, two runs of the stage differed)."""
+    import torch
+
     from anyflow.models.student import add_lora, load_adapter, student_from_teacher
     from anyflow.train.stage2 import FAKE, STUDENT
 
-    model = student_from_teacher(teacher, cfg.student)
-    add_lora(model, cfg.student, STUDENT)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.stage2.seed)
+        model = student_from_teacher(teacher, cfg.student)
+        add_lora(model, cfg.student, STUDENT)
+        add_lora(model, cfg.student, FAKE)
     load_adapter(model, stage1_adapter, STUDENT)
-    add_lora(model, cfg.student, FAKE)
     return model
 
 
