@@ -8,7 +8,8 @@ PNG strip of the frames beside it (``video.png``). The release is verified again
 (``--no-verify`` skips that).
 
 A causal (AnyFlow-FAR) release generates chunk by chunk with the KV cache, ``--steps`` per chunk
-(:mod:`anyflow.export.far_runtime`; ``--backend torch``), and can be conditioned (docs/far.md)::
+(:mod:`anyflow.export.far_runtime`; ``--backend torch``, or ``onnxruntime`` on its per-chunk graphs ``onnx/far/``
+at the exported length), and can be conditioned (docs/far.md)::
 
     anyflow generate --release R --backend torch --prompt "..." --image first.png   # image-to-video
     anyflow generate --release R --backend torch --prompt "..." --video clip.mp4    # video-to-video
