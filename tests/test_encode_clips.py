@@ -1,6 +1,7 @@
 """anyflow encode-clips: a folder of mp4s + captions → shards in the synthesis format whose latents are exactly
 encode_video of the (decoded) frames; unreadable clips, wrong sizes and missing captions are errors naming the file."""
 
+import argparse
 import json
 from dataclasses import replace
 
@@ -107,8 +108,82 @@ def test_encode_folder_gives_shards_equal_to_encode_video(tmp_path, toy_teacher_
 
 
 def test_cli_names_missing_folder(tmp_path):
-    cfg = replace(build({}), domain=replace(build({}).domain, clips_dir=None))
+    cfg = replace(build({}), domain=replace(build({}).domain, source="clips", clips_dir=None))
     with pytest.raises(ValueError, match="domain.clips_dir"):
         ec.run(cfg, None)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ec.read_folder(tmp_path / "nowhere", cfg)
+
+
+# --------------------------------------------------------------------------------------------- params mode (the stage)
+def test_synthetic_clips_are_the_rendered_train_split():
+    """Params mode, source synthetic: clip i is the domain's train spec i (cycled) rendered with seed
+    domain.seed·10⁶ + i, captioned by its prompt — what `anyflow domain` rendered inline before the stage existed."""
+    cfg = build({"domain": {"num_samples": 5, "seed": 3}})
+    frames, captions, meta = ec.synthetic_clips(cfg)
+    train, _ = driving.split(cfg.data.seed, cfg.data.heldout_fraction)
+    specs = [train[i % len(train)] for i in range(5)]
+    assert captions == driving.prompts(specs) and meta == {"source": "synthetic", "domain": "driving",
+                                                           "clip_seeds": [3_000_000 + i for i in range(5)]}
+    v = cfg.video
+    for i in (0, 4):
+        assert np.array_equal(frames[i], driving.render(specs[i], 3_000_000 + i, v.num_frames, v.height, v.width)[0])
+    assert not np.array_equal(frames[0], driving.render(specs[0], 0, v.num_frames, v.height, v.width)[0])
+
+
+def _inline_reference(pipe, cfg, out):
+    """The pre-stage inline path of `anyflow domain` (domain_shards at c7860f5), kept verbatim as the reference."""
+    d, v = cfg.domain, cfg.video
+    train, _ = driving.split(cfg.data.seed, cfg.data.heldout_fraction)
+    specs = [train[i % len(train)] for i in range(d.num_samples)]
+    seeds = [d.seed * 1_000_000 + i for i in range(d.num_samples)]
+    frames = [driving.render(s, sd, v.num_frames, v.height, v.width)[0] for s, sd in zip(specs, seeds)]
+    ec.encode_to_shards(pipe, cfg, frames, driving.prompts(specs), out,
+                        meta={"source": "synthetic", "domain": d.domain, "clip_seeds": seeds})
+
+
+@pytest.mark.slow  # the session toy teacher fixture
+def test_params_mode_both_sources_and_domain_reads_the_stage_output(tmp_path, toy_teacher_dir):
+    from anyflow.data.shards import ShardSet
+    from anyflow.models.teacher import encode_video, load_teacher
+    from anyflow.stages import domain
+    from anyflow.stages.common import StagePaths
+
+    torch.set_num_threads(1)
+    _, teacher_path = toy_teacher_dir
+    cfg = _cfg(tmp_path, teacher_path)
+    cfg = replace(cfg, domain=replace(cfg.domain, num_samples=5))
+    paths = StagePaths.of(cfg)
+    out = tmp_path / "artifacts" / "domain_data"
+    with pytest.raises(FileNotFoundError, match=r"continued/dvc\.yaml:encode_clips"):
+        domain.domain_shards(cfg, paths)
+
+    # synthetic: `anyflow encode-clips` (no DIR) == the inline shards `anyflow domain` wrote before, tensor for tensor
+    assert ec.main(cfg, argparse.Namespace(dir=None, out=None)) == 0
+    pipe = load_teacher(teacher_path)
+    _inline_reference(pipe, cfg, tmp_path / "ref")
+    got, ref = ShardSet(out), ShardSet(tmp_path / "ref")
+    assert got.manifest == ref.manifest  # same meta, entries and sha256 of every shard file
+    a, b = got.load_all(), ref.load_all()
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("latents", "noise", "prompt_embeds"))
+    assert a.prompts == b.prompts and len(a.prompts) == 5
+    assert domain.domain_shards(cfg, paths) == out
+    # stale shards (params now ask for another domain) are refused naming the stage
+    toy_cfg = replace(cfg, domain=replace(cfg.domain, domain="shapes"))
+    with pytest.raises(ValueError, match=r"stale.*encode_clips"):
+        domain.domain_shards(toy_cfg, paths)
+
+    # clips: params mode encodes domain.clips_dir; the shard latents are encode_video of the decoded clips
+    folder, specs = _folder(tmp_path)
+    clips_cfg = replace(cfg, domain=replace(cfg.domain, source="clips", clips_dir=str(folder)))
+    with pytest.raises(ValueError, match="stale"):
+        domain.domain_shards(clips_cfg, paths)  # synthetic shards are not the clips the params name
+    m = ec.run(clips_cfg, progress=False)
+    assert m["clips"] == 3 and m["source"] == "clips"
+    shards = ShardSet(out)
+    assert shards.manifest["meta"]["clips_dir"] == str(folder) and shards.manifest["meta"]["source"] == "clips"
+    _, frames, captions = ec.read_folder(folder, cfg)
+    data = shards.load_all()
+    assert data.prompts == captions == [s.prompt for s in specs]
+    assert torch.allclose(data.latents, encode_video(pipe, toy.to_model_space(np.stack(frames))), atol=1e-5)
+    assert domain.domain_shards(clips_cfg, paths) == out

@@ -3,10 +3,9 @@
 The flow-map student keeps the instantaneous flow field (r = t), so it can keep training on domain data with the
 stage-1 objective. This stage
 
-1. gets domain shards: ``domain.source: synthetic`` renders ``domain.num_samples`` clips of the toy domain
-   ``domain.domain`` (train split, cycled) and encodes them with the teacher's VAE through the same path as
-   ``anyflow encode-clips`` (:func:`anyflow.stages.encode_clips.encode_to_shards`) into ``artifacts/domain/data``;
-   ``domain.source: clips`` reads the shards ``anyflow encode-clips`` wrote (``artifacts/domain_data``);
+1. reads the domain shards the ``encode_clips`` stage (``anyflow encode-clips``) wrote to ``artifacts/domain_data``
+   — ``domain.source: synthetic``: ``domain.num_samples`` rendered clips of the toy domain ``domain.domain``;
+   ``domain.source: clips``: the clips of ``domain.clips_dir`` — and names that stage when they are absent/stale;
 2. continues training the base student's EMA adapter (``artifacts/stage2/ema_adapter.safetensors``, else stage 1's;
    ``--base``) with :class:`anyflow.train.stage1.FlowMapTrainer` (the stage-1 loss, ``stage1.*`` loss settings,
    ``domain.optim``/``batch_size``/``max_steps``; checkpoints in ``checkpoints/domain/last.pt``, exact resume),
@@ -61,25 +60,28 @@ def out_dir(paths: StagePaths) -> Path:
     return paths.root / "domain"
 
 
-def domain_shards(cfg: Config, paths: StagePaths, pipe, progress: bool = False) -> Path:
-    """The domain shard directory (rendered + encoded now for ``source: synthetic``)."""
-    from anyflow.stages.encode_clips import default_out, encode_to_shards
+ENCODE_STAGE = "continued/dvc.yaml:encode_clips"
+
+
+def domain_shards(cfg: Config, paths: StagePaths, pipe=None, progress: bool = False) -> Path:
+    """The domain shard directory the ``encode_clips`` stage wrote (``artifacts/domain_data``, either source).
+
+    FileNotFoundError naming the stage when it is absent; ValueError when it holds another source's / domain's
+    shards than params ask for (stale: re-run the stage). ``pipe``/``progress`` are unused (kept for callers)."""
+    from anyflow.stages.encode_clips import default_out
+    from anyflow.utils.io import read_json
 
     d = cfg.domain
-    if d.source == "clips":
-        root = default_out(cfg)
-        if not (root / "manifest.json").exists():
-            raise FileNotFoundError(f"{root}/manifest.json: no domain shards (run `anyflow encode-clips "
-                                    f"{d.clips_dir}` first)")
-        return root
-    mod, v = domain_module(d.domain), cfg.video
-    train, _ = mod.split(cfg.data.seed, cfg.data.heldout_fraction)
-    specs = [train[i % len(train)] for i in range(d.num_samples)]
-    seeds = [d.seed * 1_000_000 + i for i in range(d.num_samples)]
-    frames = [mod.render(s, sd, v.num_frames, v.height, v.width)[0] for s, sd in zip(specs, seeds)]
-    root = out_dir(paths) / "data"
-    encode_to_shards(pipe, cfg, frames, mod.prompts(specs), root, progress=progress,
-                     meta={"source": "synthetic", "domain": d.domain, "clip_seeds": seeds})
+    root = default_out(cfg)
+    run_it = f"run `dvc repro {ENCODE_STAGE}` (or `anyflow encode-clips`) first"
+    if not (root / "manifest.json").exists():
+        raise FileNotFoundError(f"{root}/manifest.json: no domain shards (domain.source: {d.source}); {run_it}")
+    meta = read_json(root / "manifest.json").get("meta", {})
+    want = {"source": d.source, **({"domain": d.domain, "num_samples": d.num_samples}
+                                   if d.source == "synthetic" else {})}
+    found = {k: meta.get(k) for k in want}
+    if found != want:
+        raise ValueError(f"{root}/manifest.json: domain shards of {found}, params ask for {want} (stale); {run_it}")
     return root
 
 

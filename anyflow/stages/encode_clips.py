@@ -1,4 +1,15 @@
-"""``anyflow encode-clips [DIR] [--out OUT]``: a folder of real clips + captions → latent shards (the synthesis format).
+"""``anyflow encode-clips [DIR] [--out OUT]``: the domain data of ``anyflow domain`` as latent shards (the synthesis
+format) — the ``encode_clips`` stage of ``continued/dvc.yaml`` (output ``artifacts/domain_data``).
+
+Without DIR the source comes from params (what the DVC stage runs):
+
+* ``domain.source: synthetic`` — renders ``domain.num_samples`` clips of the toy domain ``domain.domain`` (its train
+  split under ``data.seed``/``data.heldout_fraction``, cycled; clip ``i`` rendered with seed ``domain.seed·10⁶ + i``)
+  and encodes them in memory (no mp4 round trip), ``meta = {source: synthetic, domain, clip_seeds}``
+  (:func:`synthetic_clips`);
+* ``domain.source: clips`` — encodes the folder ``domain.clips_dir`` (layout below).
+
+With DIR that folder is encoded whatever ``domain.source`` says. A folder of real clips + captions:
 
 Input folder layout (every ``*.mp4`` directly in DIR is one sample, sorted by file name):
 
@@ -15,8 +26,7 @@ it is not paired with the clip — there is no ODE behind a real clip). Output: 
 (``write_shard`` / ``write_manifest``; ``meta.source = "clips"``), default ``artifacts/domain_data``, swapped in
 atomically. ``anyflow domain`` (``domain.source: clips``) trains on it.
 
-The toy default (``domain.source: synthetic``) sends rendered driving clips through the same
-:func:`encode_to_shards` (in memory, no mp4 round trip).
+Both sources go through the same :func:`encode_to_shards`.
 """
 
 from __future__ import annotations
@@ -40,8 +50,10 @@ class ClipError(ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", nargs="?", default=None, help="folder of mp4s + captions (default: domain.clips_dir)")
-    p.add_argument("--out", default=None, help="shard directory (default: artifacts/domain_data)")
+    p.add_argument("dir", nargs="?", default=None, help="folder of mp4s + captions (default: from params — "
+                   "domain.source synthetic renders the toy domain, clips reads domain.clips_dir)")
+    p.add_argument("--out", default=None, help="shard directory (default: artifacts/domain_data, the "
+                   "encode_clips stage's output)")
 
 
 def default_out(cfg: Config) -> Path:
@@ -125,6 +137,19 @@ def read_folder(folder: str | Path, cfg: Config):
     return [c.name for c in clips], frames, captions
 
 
+def synthetic_clips(cfg: Config):
+    """(uint8 frames list, captions, meta) of the procedural domain clips ``domain.source: synthetic`` trains on."""
+    from anyflow.data import driving, toy
+
+    d, v = cfg.domain, cfg.video
+    mod = driving if d.domain == "driving" else toy
+    train, _ = mod.split(cfg.data.seed, cfg.data.heldout_fraction)
+    specs = [train[i % len(train)] for i in range(d.num_samples)]
+    seeds = [d.seed * 1_000_000 + i for i in range(d.num_samples)]
+    frames = [mod.render(s, sd, v.num_frames, v.height, v.width)[0] for s, sd in zip(specs, seeds)]
+    return frames, mod.prompts(specs), {"source": "synthetic", "domain": d.domain, "clip_seeds": seeds}
+
+
 def encode_to_shards(pipe, cfg: Config, frames: Sequence, captions: Sequence[str], out_dir: str | Path,
                      meta: dict | None = None, progress: bool = False) -> dict:
     """Encode uint8 clips (F, H, W, 3) + captions with the teacher into shards at ``out_dir`` (swapped in
@@ -176,18 +201,22 @@ def run(cfg: Config, clips_dir: str | Path | None = None, out_dir: str | Path | 
     t0 = time.perf_counter()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
-    clips_dir = clips_dir or cfg.domain.clips_dir
-    if not clips_dir:
-        raise ValueError("encode-clips: give DIR or set domain.clips_dir")
-    names, frames, captions = read_folder(clips_dir, cfg)  # every clip checked before the teacher loads
+    if clips_dir is None and cfg.domain.source == "synthetic":
+        frames, captions, meta = synthetic_clips(cfg)
+    else:
+        clips_dir = clips_dir or cfg.domain.clips_dir
+        if not clips_dir:
+            raise ValueError("encode-clips: give DIR or set domain.clips_dir (domain.source: clips)")
+        names, frames, captions = read_folder(clips_dir, cfg)  # every clip checked before the teacher loads
+        meta = {"clips_dir": str(clips_dir), "clips": names}
     pipe = load_teacher(teacher_dir(cfg, StagePaths.of(cfg)))
     out = Path(out_dir) if out_dir else default_out(cfg)
-    encode_to_shards(pipe, cfg, frames, captions, out, meta={"clips_dir": str(clips_dir), "clips": names},
-                     progress=progress)
-    return {"clips": len(names), "out": str(out), "seconds": time.perf_counter() - t0}
+    encode_to_shards(pipe, cfg, frames, captions, out, meta=meta, progress=progress)
+    return {"clips": len(frames), "source": meta.get("source", "clips"), "out": str(out),
+            "seconds": time.perf_counter() - t0}
 
 
 def main(cfg: Config, args) -> int:
     metrics = run(cfg, args.dir, args.out)
-    print(f"encoded {metrics['clips']} clips into {metrics['out']} ({metrics['seconds']:.1f} s)")
+    print(f"encoded {metrics['clips']} {metrics['source']} clips into {metrics['out']} ({metrics['seconds']:.1f} s)")
     return 0
