@@ -58,6 +58,18 @@ def test_schedules_are_valid_cron_and_the_refresh_is_scheduled(configs):
         _schedule_config_to_deployment_schedule({"cron": "61 25 * * *"})
 
 
+def test_weekly_domain_refresh_runs_the_encode_clips_stage(configs):
+    """The continued-training deployment encodes the domain data first (stages run --single-item, so domain alone
+    would train on stale artifacts/domain_data), and the stage it runs exists in continued/dvc.yaml."""
+    from flows.continued_training import ENCODE_STAGE
+
+    deployments, _ = configs
+    params = {d["name"]: d.get("parameters", {}) for d in deployments}["continued-training"]
+    assert params["encode_clips"] is True
+    pipeline, stage = ENCODE_STAGE.split(":")
+    assert stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"]
+
+
 def test_work_pools_are_defined_once_and_reused(configs):
     text = PREFECT_YAML.read_text()
     assert text.count("name: anyflow-local") == 1 and text.count("name: anyflow-gpu") == 1

@@ -228,7 +228,7 @@ def test_domain_stage_resume_equals_uninterrupted_and_gate_is_applied(tmp_path, 
     from safetensors.torch import load_file
 
     from anyflow.models.student import adapter_metadata
-    from anyflow.stages import domain, synthesize
+    from anyflow.stages import domain, encode_clips, synthesize
     from anyflow.utils.io import read_json
 
     torch.set_num_threads(1)
@@ -236,6 +236,9 @@ def test_domain_stage_resume_equals_uninterrupted_and_gate_is_applied(tmp_path, 
     cfg = _stage_cfg(tmp_path, teacher_path)
     synthesize.run(cfg, progress=False)  # base shards (artifacts/data) for base_mix
     base = _base_adapter(cfg, teacher_path)
+    with pytest.raises(FileNotFoundError, match=r"continued/dvc\.yaml:encode_clips"):
+        domain.run(cfg, fresh=True, no_eval=True, progress=False)  # no domain shards yet: names the stage
+    encode_clips.run(cfg, progress=False)  # the encode_clips stage: artifacts/domain_data (source: synthetic)
     root = tmp_root(cfg)
 
     m = domain.run(cfg, fresh=True, no_eval=True, progress=False)

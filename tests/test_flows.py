@@ -228,7 +228,8 @@ def test_continued_training_promotes_the_domain_release_only_when_the_domain_gat
     first = continued_training(repo=str(repo), release_name="dom1", cmds=cmds)
     assert first["gate"]["passed"] is True and first["promoted"] == "dom1"
     # the stages are addressed in the second pipeline; the distillation release is never touched
-    assert (repo / "calls.log").read_text().splitlines() == ["continued/dvc.yaml:domain",
+    assert (repo / "calls.log").read_text().splitlines() == ["continued/dvc.yaml:encode_clips",
+                                                             "continued/dvc.yaml:domain",
                                                              "continued/dvc.yaml:export_domain"]
     assert not (repo / "artifacts/release").exists()
     promoted = repo / "registry/releases/dom1/transformer.onnx"
@@ -252,17 +253,22 @@ def test_continued_training_promotes_the_domain_release_only_when_the_domain_gat
     assert {"domain-metrics", "export-domain-metrics"} <= keys
 
 
-def test_continued_training_refuses_encode_clips_without_that_stage(tmp_path, prefect_harness):
-    """The repository's continued/dvc.yaml has no encode_clips stage: encode_clips=True fails up front with a message
-    naming it, before any stage runs (not inside DVC after the flow started)."""
-    from flows.continued_training import PIPELINE, continued_training
+def test_continued_training_runs_the_encode_clips_stage_before_domain(tmp_path, prefect_harness):
+    """encode_clips=True (default) runs continued/dvc.yaml:encode_clips (a stage of the repository's pipeline, the
+    one domain depends on) before domain; encode_clips=False goes straight to domain."""
+    from flows.continued_training import ENCODE_STAGE, PIPELINE, continued_training
+
+    stages = yaml.safe_load((ROOT / PIPELINE).read_text())["stages"]
+    assert list(stages)[:2] == ["encode_clips", "domain"] and ENCODE_STAGE == f"{PIPELINE}:encode_clips"
+    assert stages["encode_clips"]["outs"] == ["artifacts/domain_data"]
+    assert "artifacts/domain_data" in stages["domain"]["deps"]
 
     repo = _repo(tmp_path, tolerance=0.02)
-    (repo / "continued").mkdir(exist_ok=True)
-    (repo / PIPELINE).write_text((ROOT / PIPELINE).read_text())
-    with pytest.raises(ValueError, match="no encode_clips stage"):
-        continued_training(repo=str(repo), encode_clips=True, cmds=_fake_commands(repo))
-    assert not (repo / "calls.log").exists()
+    continued_training(repo=str(repo), release_name="e1", cmds=_fake_commands(repo))
+    assert (repo / "calls.log").read_text().splitlines()[:2] == [ENCODE_STAGE, f"{PIPELINE}:domain"]
+    (repo / "calls.log").write_text("")
+    continued_training(repo=str(repo), encode_clips=False, release_name="e2", cmds=_fake_commands(repo))
+    assert (repo / "calls.log").read_text().splitlines() == [f"{PIPELINE}:domain", f"{PIPELINE}:export_domain"]
 
 
 def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_path, prefect_harness):
@@ -276,7 +282,10 @@ def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_pa
 
     repo = _repo(tmp_path, tolerance=0.02)
     fake = f"{sys.executable} fake_stage.py"
-    stages = {"domain": {"wdir": "..", "cmd": f"{fake} domain", "deps": ["fake_stage.py"],
+    stages = {"encode_clips": {"wdir": "..", "cmd": f"{fake} encode_clips", "deps": ["fake_stage.py"],
+                               "params": ["profile"], "outs": ["metrics/encode_clips.json"]},
+              "domain": {"wdir": "..", "cmd": f"{fake} domain",
+                         "deps": ["fake_stage.py", "metrics/encode_clips.json"],
                          "params": ["domain.forgetting_tolerance"],
                          "metrics": [{"metrics/domain.json": {"cache": False}}]},
               "export_domain": {"wdir": "..", "cmd": f"{fake} export_domain", "deps": ["metrics/domain.json"],
@@ -288,7 +297,8 @@ def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_pa
     cmds = Commands(anyflow=[sys.executable, "-m", "anyflow.cli"])  # default dvc templates
     first = continued_training(repo=str(repo), release_name="dvcdom1", cmds=cmds)
     assert first["promoted"] == "dvcdom1" and _latest(repo) == "dvcdom1"
-    assert set(yaml.safe_load((repo / "continued/dvc.lock").read_text())["stages"]) == {"domain", "export_domain"}
+    assert set(yaml.safe_load((repo / "continued/dvc.lock").read_text())["stages"]) == {"encode_clips", "domain",
+                                                                                        "export_domain"}
     assert not (repo / "dvc.lock").exists() and not (repo / "metrics/stage1.json").exists()
     assert (repo / "artifacts/release_domain/manifest.json").exists()  # paths resolved from the root (wdir ..)
 
@@ -296,5 +306,5 @@ def test_continued_training_through_real_dvc_repro_of_the_second_pipeline(tmp_pa
     (repo / "calls.log").write_text("")
     second = continued_training(repo=str(repo), release_name="dvcdom2", cmds=cmds)
     assert second["promoted"] is None and second["gate"]["passed"] is False
-    assert (repo / "calls.log").read_text().split() == ["domain"]
+    assert (repo / "calls.log").read_text().split() == ["domain"]  # encode_clips unchanged: DVC skipped it
     assert _latest(repo) == "dvcdom1" and not (repo / "registry/releases/dvcdom2").exists()
