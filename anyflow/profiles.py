@@ -38,7 +38,9 @@ def _wan(name: str, pretrained_dir: str, stage1_steps: int, stage1_batch: int) -
         teacher=Teacher(eval_steps=50, guidance_scale=5.0),
         synthesize=Synthesize(num_samples=256_000, samples_per_shard=64, batch_size=1, steps=50,
                               guidance_scale=5.0),
-        student=Student(lora_rank=256, lora_alpha=256.0),
+        # FAR (student.architecture: far): 81 frames = 21 latent frames (Wan VAE stride 4) as the released
+        # AnyFlow-FAR checkpoints split them (diffusers' default): one frame, six chunks of three, then two
+        student=Student(lora_rank=256, lora_alpha=256.0, chunk_partition=(1, 3, 3, 3, 3, 3, 3, 2), full_chunk_limit=3),
         stage1=Stage1(max_steps=stage1_steps, batch_size=stage1_batch,
                       optim=Optim(lr=5e-5, betas=(0.9, 0.95), warmup_steps=100, grad_clip=1.0, ema_decay=0.999),
                       mixed_precision="bf16", gradient_checkpointing=True, ckpt_every=500, log_every=10),

@@ -28,6 +28,16 @@ def test_wan_profiles_carry_the_paper_numbers():
         assert w.model.source == "local" and w.video.num_frames == 81
 
 
+@pytest.mark.parametrize("profile,temporal_stride", [("toy", 2), ("wan-1.3b", 4), ("wan-14b", 4)])
+def test_far_chunk_partition_covers_the_latent_frames(profile, temporal_stride):
+    """--set student.architecture=far works on every profile: the chunks tile the latent frames exactly (toy VAE:
+    temporal stride 2, Wan VAE: 4; the first latent frame is the first video frame alone)."""
+    cfg = C.build(profile=profile)
+    latent_frames = (cfg.video.num_frames - 1) // temporal_stride + 1
+    assert sum(cfg.student.chunk_partition) == latent_frames
+    assert cfg.student.chunk_partition[0] == 1  # I2V: the given image is chunk 0
+
+
 def test_configs_are_frozen():
     cfg = C.build()
     with pytest.raises(Exception):
