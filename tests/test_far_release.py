@@ -216,15 +216,13 @@ def test_bad_inputs_give_errors_naming_the_file(far_release, tmp_path, capsys):
     assert rc != 0 and not out.exists() and f"{small}: frames are 16×16" in capsys.readouterr().err
 
 
-def test_onnxruntime_refuses_a_far_release_unless_a_chunk_step_is_plugged_in(far_release, monkeypatch, tmp_path,
-                                                                            capsys):
-    """Without anyflow.export.far_onnx's chunk step: ORT and TensorRT refuse a FAR release naming the way out; with
-    another one plugged in (here the torch step), the ORT backend samples through it and matches torch (its text encoder and
-    VAE decoder are the ONNX graphs)."""
+def test_onnxruntime_runs_a_far_release_through_any_plugged_chunk_step(far_release, monkeypatch):
+    """TensorRT refuses a FAR release naming the way out; the ORT backend samples through whatever
+    ``anyflow.export.far_onnx.chunk_step`` returns (here the torch step) and then matches torch (its text encoder and
+    VAE decoder are the ONNX graphs) — the chunk step is the only FAR-specific part of the backend."""
     import sys
     import types
 
-    from anyflow.cli import main
     from anyflow.export.far_runtime import TorchFarStep
     from anyflow.export.runtime import make_backend
 
@@ -235,15 +233,8 @@ def test_onnxruntime_refuses_a_far_release_unless_a_chunk_step_is_plugged_in(far
         monkeypatch.setitem(sys.modules, "anyflow.export.far_onnx", module)
         monkeypatch.setattr(anyflow.export, "far_onnx", module, raising=False)
 
-    plug(types.ModuleType("anyflow.export.far_onnx"))
-    with pytest.raises(NotImplementedError, match="far_onnx.*--backend torch"):
-        make_backend("onnxruntime", release)
     with pytest.raises(NotImplementedError, match="--backend torch"):
         make_backend("tensorrt", release)
-    rc = main(["generate", "--release", str(release), "--backend", "onnxruntime", "--prompt", "x",
-               "--out", str(tmp_path / "v.mp4")])
-    assert rc != 0 and not (tmp_path / "v.mp4").exists() and "cannot run on ONNX Runtime" in capsys.readouterr().err
-
     torch_be, info = backend_info(release)
     plugged = types.ModuleType("anyflow.export.far_onnx")
     plugged.chunk_step = lambda root, providers, threads: TorchFarStep(torch_be.pipeline.transformer)

@@ -5,7 +5,7 @@ The transformer of a FAR release is driven through a :class:`ChunkStep` — one 
 chunks before it (in its KV cache) — so the sampler :func:`far_sample` is the same whatever executes the model:
 :class:`TorchFarStep` (eager, the diffusers ``AnyFlowFARTransformer3DModel`` of ``pipeline/transformer``) or the
 ONNX Runtime step ``anyflow.export.far_onnx.chunk_step(root, providers, threads)`` on the release's per-chunk graphs
-``onnx/far/`` (:func:`far_onnx_chunk_step`; TensorRT refuses a FAR release with a clear message).
+``onnx/far/`` (:func:`far_onnx_chunk_step`); TensorRT refuses a FAR release with a clear message.
 Conditioning frames are VAE-encoded by the backend (``encode_video``) and must end on a chunk boundary: with the
 causal Wan VAE, pixel frame 0 alone is latent frame 0 (I2V = chunk 0 of ``[1, 2, 2]``), and each later latent frame
 covers ``temporal_factor`` pixel frames (:func:`context_latent_frames`).
@@ -176,16 +176,8 @@ def generate_far(backend, info: ReleaseInfo, prompts: Sequence[str], num_steps: 
 
 
 def far_onnx_chunk_step(root: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
-    """The ONNX Runtime :class:`ChunkStep` of a FAR release from ``anyflow.export.far_onnx.chunk_step`` (the per-chunk
-    graphs with the KV cache as tensors) — or a clear error if that module does not provide one."""
-    try:
-        from anyflow.export import far_onnx
-    except ImportError:
-        far_onnx = None
-    factory = getattr(far_onnx, "chunk_step", None)
-    if factory is None:
-        raise NotImplementedError(
-            f"{root}: a FAR (causal) release cannot run on ONNX Runtime yet — its transformer is not exported to "
-            "ONNX (the chunk step with KV cache, anyflow/export/far_onnx.py: chunk_step(root, providers, threads), "
-            "is not available); use --backend torch")
-    return factory(Path(root), providers, threads)
+    """The ONNX Runtime :class:`ChunkStep` of a FAR release: ``anyflow.export.far_onnx.chunk_step`` on its per-chunk
+    graphs (``onnx/far/``, the KV cache as tensors); a missing or corrupt graph is an error naming the file."""
+    from anyflow.export import far_onnx
+
+    return far_onnx.chunk_step(Path(root), providers, threads)
