@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("pull", "fetch a release from the store and verify every sha256"),
     "params": ("params", "print the effective parameters (or write a profile's params.yaml)"),
     "bench": ("bench", "benchmarks recorded as DVC metrics (simulation cost, inference latency)"),
+    "fixture": ("fixture", "write a random-weight test fixture (wan-mini: the Wan2.1-T2V-1.3B-Diffusers layout)"),
 }
 
 
@@ -73,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", False):
         print(f"anyflow {args.command}: not available in this build", file=sys.stderr)
         return 2
+    mod = importlib.import_module(f"anyflow.stages.{args._module}")
     try:
-        if args.command == "params" and getattr(args, "profile", None):
+        if not getattr(mod, "USES_PARAMS", True):  # e.g. `anyflow fixture`: no params file needed
+            cfg = build({})
+        elif args.command == "params" and getattr(args, "profile", None):
             cfg = build(_parse_set(args.overrides), profile=args.profile)  # bootstrapping a params file
         else:
             cfg = load(args.params, overrides=_parse_set(args.overrides))
     except ConfigError as err:
         print(f"anyflow: invalid parameters: {err}", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"anyflow.stages.{args._module}")
     try:
         return int(mod.main(cfg, args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -1,0 +1,153 @@
+"""`anyflow fixture wan-mini`: the Wan2.1-T2V-1.3B-Diffusers layout with random weights, loaded by stock diffusers
+and by our own teacher code at Wan's strides (4 in time, 8 in space), with a trained sentencepiece tokenizer, and
+the same tensors for the same seed."""
+
+import json
+
+import pytest
+import torch
+
+from anyflow.models import wan_fixture
+
+pytestmark = pytest.mark.slow  # each build is ~5-10 s on 2 shared cores
+
+PROMPTS = ["A red car driving on the beach at sunset, camera pans left.", "an astronaut dancing in a kitchen"]
+
+
+@pytest.fixture(scope="module")
+def wan_mini(tmp_path_factory):
+    """Written through the CLI (no params.yaml in the working directory: the command needs none)."""
+    import os
+
+    from anyflow.cli import main
+
+    root = tmp_path_factory.mktemp("wan_mini")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["fixture", "wan-mini", "--out", str(root / "wan")]) == 0
+    finally:
+        os.chdir(cwd)
+    return root / "wan"
+
+
+def _tensors(root):
+    from safetensors.torch import load_file
+
+    return {f"{p.relative_to(root)}:{k}": v for p in sorted(root.rglob("*.safetensors"))
+            for k, v in load_file(p).items()}
+
+
+def test_layout_and_classes_are_wans(wan_mini):
+    index = json.loads((wan_mini / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert {k: index[k][1] for k in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")} == {
+        "scheduler": "UniPCMultistepScheduler", "text_encoder": "UMT5EncoderModel", "tokenizer": "T5TokenizerFast",
+        "transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
+    for f in ("scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
+              "tokenizer/spiece.model", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+              "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "vae/diffusion_pytorch_model.safetensors", "README.md"):
+        assert (wan_mini / f).is_file(), f
+    sched = json.loads((wan_mini / "scheduler/scheduler_config.json").read_text())
+    assert {k: sched[k] for k in wan_fixture.WAN_SCHEDULER} == wan_fixture.WAN_SCHEDULER
+    assert sched["prediction_type"] == "flow_prediction" and sched["use_flow_sigmas"] and sched["flow_shift"] == 3.0
+    vae = json.loads((wan_mini / "vae/config.json").read_text())
+    assert vae["temperal_downsample"] == [False, True, True] and vae["z_dim"] == 16
+    assert (vae["scale_factor_temporal"], vae["scale_factor_spatial"]) == (4, 8)
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    wan_defaults = inspect.signature(AutoencoderKLWan.__init__).parameters  # diffusers' defaults are Wan2.1's stats
+    assert vae["latents_mean"] == wan_defaults["latents_mean"].default and vae["latents_mean"][0] == -0.7571
+    assert vae["latents_std"] == wan_defaults["latents_std"].default and vae["latents_std"][0] == 2.8184
+    tr = json.loads((wan_mini / "transformer/config.json").read_text())
+    te = json.loads((wan_mini / "text_encoder/config.json").read_text())
+    assert (tr["in_channels"], tr["out_channels"], tr["patch_size"]) == (16, 16, [1, 2, 2])
+    assert tr["text_dim"] == te["d_model"] and te["feed_forward_proj"] == "gated-gelu" and te["model_type"] == "umt5"
+
+
+def test_stock_wan_pipeline_generates_at_wans_strides(wan_mini):
+    """num_frames 5 at 32×32 → 2 latent frames of 4×4 (strides 4 and 8), decoded back to 5 frames of 32×32; 9 frames
+    at 32×48 → 3 latent frames of 4×6. The stock decode of the pipeline's latents equals our teacher's decode."""
+    from diffusers import WanPipeline
+
+    from anyflow.models.teacher import decode_latents
+
+    pipe = WanPipeline.from_pretrained(str(wan_mini), local_files_only=True)
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (4, 8)
+    kw = dict(num_inference_steps=2, max_sequence_length=32)
+    z = pipe(PROMPTS[0], height=32, width=32, num_frames=5, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **kw).frames
+    assert z.shape == (1, 16, 2, 4, 4)
+    frames = pipe(PROMPTS[0], height=32, width=32, num_frames=5, output_type="pt",
+                  generator=torch.Generator().manual_seed(0), **kw).frames  # (B, F, C, H, W) in [0, 1]
+    assert frames.shape == (1, 5, 3, 32, 32)
+    ours = (decode_latents(pipe, z) / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    assert torch.allclose(ours, frames, atol=1e-5)
+    z9 = pipe(PROMPTS[1], height=32, width=48, num_frames=9, output_type="latent",
+              generator=torch.Generator().manual_seed(1), **kw).frames
+    assert z9.shape == (1, 16, 3, 4, 6)
+
+
+def test_tokenizer_round_trips_and_matches_its_sentencepiece_model(wan_mini):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(wan_mini / "tokenizer"))
+    assert type(tok).__name__ in ("T5TokenizerFast", "T5Tokenizer")  # one class in transformers 5
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    sp = spm.SentencePieceProcessor(model_file=str(wan_mini / "tokenizer/spiece.model"))
+    for text in [*PROMPTS, "Zoom out: two people riding a bike in the desert, oil painting"]:
+        ids = tok(text).input_ids
+        assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert ids[:-1] == sp.encode(text)  # tokenizer.json is the sentencepiece model, piece for piece
+    assert tok("ｆｕｌｌ width").input_ids == tok("full width").input_ids  # NFKC, as T5's spiece
+    assert len(tok) <= json.loads((wan_mini / "text_encoder/config.json").read_text())["vocab_size"]
+    batch = tok(PROMPTS, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    assert batch.input_ids.shape == (2, 512) and (batch.input_ids[:, -1] == tok.pad_token_id).all()
+
+
+def test_wan_profile_teacher_stage_and_loader(wan_mini, tmp_path):
+    """`anyflow teacher` on the wan-1.3b profile (model.source: local) records the fixture; our loader then encodes
+    512-token prompts, samples latents of Wan's shape and decodes them."""
+    from anyflow.config import build
+    from anyflow.models.teacher import (decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds,
+                                        teacher_ode_sample)
+    from anyflow.stages import teacher as teacher_stage
+    from anyflow.utils.io import read_json
+
+    cfg = build({"model": {"pretrained_dir": str(wan_mini)}, "video": {"num_frames": 5, "height": 32, "width": 32},
+                 "paths": {"root": str(tmp_path / "artifacts"), "metrics": str(tmp_path / "metrics")}},
+                profile="wan-1.3b")
+    assert cfg.model.source == "local" and cfg.model.max_text_len == 512
+    assert teacher_stage.main(cfg, None) == 0
+    record = read_json(tmp_path / "artifacts/teacher/teacher.json")
+    assert record["pretrained_dir"] == str(wan_mini.resolve()) and len(record["sha256_tree"]) == 64
+    pipe = load_teacher(record["pretrained_dir"])
+    emb = encode_prompts(pipe, PROMPTS, cfg.model.max_text_len)
+    assert emb.shape == (2, 512, pipe.text_encoder.config.d_model)
+    n_tok = len(pipe.tokenizer(PROMPTS[1]).input_ids)
+    assert emb[1, n_tok:].abs().max() == 0 and emb[1, :n_tok].abs().min() > 0  # padding zeroed, as WanPipeline
+    shape = latent_shape(pipe, cfg)
+    assert shape == (16, 2, 4, 4)
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    x0 = teacher_ode_sample(pipe.transformer, noise, emb[:1], negative_embeds(pipe, "", 512), steps=2,
+                            guidance_scale=5.0, shift=cfg.model.flow_shift)
+    video = decode_latents(pipe, x0)
+    assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
+
+
+def test_same_seed_same_tensors(wan_mini, tmp_path):
+    again = wan_fixture.write(tmp_path / "again", seed=0)
+    a, b = _tensors(wan_mini), _tensors(again)
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("tokenizer/spiece.model", "tokenizer/tokenizer.json", "model_index.json", "vae/config.json",
+              "transformer/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
+        assert (wan_mini / f).read_bytes() == (again / f).read_bytes(), f
+    other, _ = wan_fixture.build(seed=1)
+    assert not torch.equal(other.transformer.proj_out.weight, b["transformer/diffusion_pytorch_model.safetensors:"
+                                                                "proj_out.weight"])
