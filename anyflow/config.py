@@ -62,7 +62,8 @@ class Data:
     domain: Literal["shapes", "driving"] = "shapes"
     seed: int = 0
     heldout_fraction: float = 0.25
-    # wan profiles: a text file with one prompt per line (the paper's synthetic set is 256K prompts)
+    # non-toy: a text file with one prompt per line, or `vbench` (VBench's prompt suite from the installed vbench
+    # package; anyflow.data.prompts). The paper's synthetic set is 256K prompts
     prompts_file: Optional[str] = None
 
 
@@ -372,6 +373,8 @@ def validate(cfg: Config) -> None:
         ((cfg.video.num_frames - 1) % 2 == 0, "video.num_frames: must be odd (2x temporal VAE compression)"),
         (cfg.video.height % 16 == 0 and cfg.video.width % 16 == 0, "video.height/width: must be multiples of 16"),
         (cfg.model.source == "toy" or cfg.model.pretrained_dir, "model.pretrained_dir: required when source=local"),
+        (cfg.model.source == "toy" or cfg.data.prompts_file, "data.prompts_file: required when model.source=local: "
+         "a text file with one prompt per line, or 'vbench' (VBench's prompt suite from the installed vbench package)"),
         (0 <= cfg.domain.base_mix < 1, "domain.base_mix: must be in [0, 1)"),
         (0 <= cfg.teacher.vae_other_fraction < 1, "teacher.vae_other_fraction: must be in [0, 1)"),
         (cfg.domain.num_samples >= 1, "domain.num_samples: must be >= 1"),

@@ -26,6 +26,7 @@ def test_wan_profiles_carry_the_paper_numbers():
         assert w.stage2.optim.lr == 2e-6 and w.stage2.optim.betas == (0.0, 0.999) and w.stage2.optim.ema_decay == 0.99
         assert w.stage1.weighting == "beta08" and w.stage1.guidance_scale == 3.0 and w.stage1.fd_eps == 0.005
         assert w.model.source == "local" and w.video.num_frames == 81
+        assert w.data.prompts_file == "vbench"  # VBench's suite from the installed package, no file in the repo
 
 
 @pytest.mark.parametrize("profile,temporal_stride", [("toy", 2), ("wan-1.3b", 4), ("wan-14b", 4)])

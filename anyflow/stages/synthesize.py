@@ -38,21 +38,16 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def load_prompts(cfg: Config) -> list[str]:
-    """Toy: the train split's prompts; otherwise one prompt per non-empty line of ``data.prompts_file``."""
+    """Toy: the train split's prompts; otherwise ``data.prompts_file``: a text file (one prompt per non-empty line)
+    or ``vbench``, VBench's prompt suite from the installed package (:mod:`anyflow.data.prompts`)."""
     if cfg.model.source == "toy" and not cfg.data.prompts_file:
         from anyflow.data import toy
 
         train, _ = toy.split(cfg.data.seed, cfg.data.heldout_fraction)
         return toy.prompts(train)
-    if not cfg.data.prompts_file:
-        raise ValueError("data.prompts_file: required for non-toy profiles")
-    path = Path(cfg.data.prompts_file)
-    if not path.exists():
-        raise FileNotFoundError(f"data.prompts_file {path}: not found")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"data.prompts_file {path}: no prompts")
-    return lines
+    from anyflow.data import prompts
+
+    return prompts.load_prompts(cfg.data.prompts_file)
 
 
 def sample_seed(base_seed: int, index: int) -> int:
