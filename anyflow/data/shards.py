@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from anyflow.utils.io import atomic_path, read_json, sha256_file, write_json
+from anyflow.utils.io import read_json, sha256_file, write_json, write_safetensors
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -41,11 +41,7 @@ def shard_name(index: int) -> str:
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
     """Atomic safetensors write; returns the file's sha256."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    return sha256_file(path)
+    return write_safetensors(path, tensors, metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
 def write_shard(path: str | Path, *, latents: torch.Tensor, noise: torch.Tensor, prompt_embeds: torch.Tensor,

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from anyflow.config import Student
-from anyflow.utils.io import atomic_path
+from anyflow.utils.io import write_safetensors
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 STUDENT = "student"
@@ -145,12 +145,8 @@ def adapter_state(model, name: str = STUDENT) -> dict[str, torch.Tensor]:
 def save_adapter(model, path: str | Path, name: str = STUDENT, state: Optional[dict] = None,
                  metadata: Optional[dict] = None) -> Path:
     """Write adapter ``name`` (or an explicit ``state`` in the same format, e.g. EMA weights) atomically."""
-    from safetensors.torch import save_file
-
-    state = adapter_state(model, name) if state is None else {k: v.detach().cpu().contiguous()
-                                                              for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    state = adapter_state(model, name) if state is None else state
+    write_safetensors(path, state, metadata={k: str(v) for k, v in (metadata or {}).items()})
     return Path(path)
 
 

@@ -97,18 +97,6 @@ def synth_shard(pipe, cfg: Config, indices: list[int], prompts: list[str], neg, 
     return torch.cat(outs), noise, embeds, texts, seeds
 
 
-def _write_shard(path: Path, latents, noise, prompt_embeds, prompts: list[str], seeds: list[int]) -> dict:
-    """The shard format of :func:`anyflow.data.shards.write_shard`, with ONE metadata key: safetensors stores
-    metadata in a hash map whose order varies per process, so several keys would break byte-identical reruns."""
-    from anyflow.data.shards import write_tensors
-
-    digest = write_tensors(path, {"latents": latents.float(), "noise": noise.float(),
-                                  "prompt_embeds": prompt_embeds.float()},
-                           metadata={"samples": {"prompts": list(prompts), "seeds": [int(s) for s in seeds]}})
-    return {"file": path.name, "sha256": digest, "num_samples": int(latents.shape[0]), "prompts": list(prompts),
-            "seeds": [int(s) for s in seeds]}
-
-
 def run(cfg: Config, teacher_dir: Path | None = None, out_dir: Path | None = None, shard: tuple[int, int] = (0, 1),
         progress: bool = True, fail_after: int | None = None) -> dict:
     """Write the shards assigned to ``shard`` (i, n) and the merged manifest; returns metrics.
@@ -117,7 +105,7 @@ def run(cfg: Config, teacher_dir: Path | None = None, out_dir: Path | None = Non
     """
     from tqdm.auto import tqdm
 
-    from anyflow.data.shards import NEGATIVE, shard_name, write_manifest, write_tensors
+    from anyflow.data.shards import NEGATIVE, shard_name, write_manifest, write_shard, write_tensors
     from anyflow.models.teacher import latent_shape, load_teacher, negative_embeds
     from anyflow.utils.io import read_json, write_json
 
@@ -142,7 +130,7 @@ def run(cfg: Config, teacher_dir: Path | None = None, out_dir: Path | None = Non
             skipped += 1
             continue
         lat, noise, emb, texts, seeds = synth_shard(pipe, cfg, idx, prompts, neg, shape)
-        entry = _write_shard(path, lat, noise, emb, texts, seeds)
+        entry = write_shard(path, latents=lat, noise=noise, prompt_embeds=emb, prompts=texts, seeds=seeds)
         write_json(_sidecar(path), entry)
         written += 1
         samples += len(idx)

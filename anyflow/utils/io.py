@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,6 +89,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> str:
+    """Atomic safetensors write with a canonical header; returns the file's sha256.
+
+    safetensors keeps ``__metadata__`` in a hash map whose order changes per process, so the same tensors and
+    metadata would otherwise give other bytes on every run (and another DVC hash for every downstream stage).
+    The header is rewritten with its metadata keys sorted; tensors and offsets are untouched.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=None if metadata is None else {str(k): str(v) for k, v in metadata.items()})
+        _canonicalise_safetensors_header(tmp)
+    return sha256_file(path)
+
+
+def _canonicalise_safetensors_header(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size).decode("utf-8"))
+        meta = header.pop("__metadata__", None)
+        canonical = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+        canonical.update(header)
+        text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        if len(text) == size:  # same content reordered: same length, rewrite in place
+            fh.seek(8)
+            fh.write(text)
+            return
+        fh.seek(8 + size)
+        data = fh.read()
+        fh.seek(0)
+        fh.write(struct.pack("<Q", len(text)) + text + data)
+        fh.truncate()
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
