@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast prefect-up prefect-down clean
 
 $(BIN)/anyflow: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# A local Prefect stack (docs/orchestration.md): server on 127.0.0.1:4200, work pools, every deployment of
+# deploy/prefect.yaml (verified registered), a worker on anyflow-local. `make prefect-down` stops server and worker.
+prefect-up: install
+	ANYFLOW_VENV="$(abspath $(VENV))" deploy/local.sh up
+
+prefect-down:
+	ANYFLOW_VENV="$(abspath $(VENV))" deploy/local.sh stop
 
 clean:
 	rm -rf artifacts metrics/*.json plots/*.csv
