@@ -60,7 +60,7 @@ def tiny_release(tmp_path_factory):
     try:
         root = tmp_path_factory.mktemp("export")
         cfg = write_tiny_artifacts(root)
-        out = run(cfg, repo=root)
+        out = run(cfg)
     finally:
         torch.set_num_threads(threads)
     return cfg, root, out

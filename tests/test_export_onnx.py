@@ -128,6 +128,6 @@ def test_failed_export_leaves_previous_release_untouched(tiny_release, monkeypat
 
     monkeypatch.setattr(onnx_export, "export_transformer", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        run(cfg, repo=root)
+        run(cfg)
     assert out.manifest.read_bytes() == before
     assert not [p for p in out.release.parent.iterdir() if p.name.startswith(".release")]

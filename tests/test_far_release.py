@@ -40,7 +40,7 @@ def far_release(tmp_path_factory):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         adapter = save_adapter(model, root / "artifacts" / "far_stage1" / "ema_adapter.safetensors", ADAPTER,
                                metadata={"architecture": "far", "chunk_partition": "1,2,2", "paradigm": "flowmap"})
-        out = run(cfg, adapter=str(adapter), out=str(root / "artifacts" / "release_far"), repo=root)
+        out = run(cfg, adapter=str(adapter), out=str(root / "artifacts" / "release_far"))
     finally:
         torch.set_num_threads(threads)
     return cfg, pipe, adapter, out.release

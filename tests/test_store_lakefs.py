@@ -46,6 +46,9 @@ def test_candidate_commit_carries_metadata_and_passing_gate_merges_and_tags(tmp_
     assert store.list() == ["r1"] and store.latest() == "r1"
     head = _main_commits(store)[0]
     assert len(head.parents) == 2 and store.repo.tag("r1").get_commit().id == head.id  # merge commit, tagged
+    # the merge commit records the candidate's provenance and metadata again (the promotion is what ops audit)
+    assert (head.metadata["git_sha"], head.metadata["flow_run"], head.metadata["release"]) == \
+        ("0123456789abcdef", "abc", "r1")
     assert ("POST", "repositories/{}/refs/{}/merge/{}") in server.fake.calls
 
 

@@ -132,10 +132,15 @@ def test_store_accepts_the_manifest_written_by_anyflow_export(tmp_path):
     (rel / "onnx").mkdir(parents=True)
     (rel / "onnx/transformer.onnx").write_bytes(b"graph" * 100)
     (rel / "model_index.json").write_text("{}")
-    manifest = mf.build_manifest(rel, git_sha="abc1234", dvc_lock="e" * 64, gate={"passed": True, "total_at_4": 0.8},
-                                 profile="toy", parity={"transformer": 1e-5})
+    manifest = mf.build_manifest(rel, gate={"passed": True, "total_at_4": 0.8}, profile="toy",
+                                 parity={"transformer": 1e-5})
     mf.write_manifest(rel, manifest)
     store = LocalStore(tmp_path / "reg")
-    store.promote(store.put_release(rel, name="exp1"))
-    out = store.pull("exp1", tmp_path / "pulled")
-    assert mf.verify_release(out)["git_sha"] == "abc1234"
+    prov = {"git_sha": "abc1234", "git_dirty": False, "dvc_lock_digest": "e" * 64}
+    cand = store.put_release(rel, metadata=prov)
+    assert cand.name.endswith("-abc1234")  # named after the commit recorded at promotion
+    store.promote(cand)
+    out = store.pull(cand.name, tmp_path / "pulled")
+    assert mf.verify_release(out)["gate"]["passed"] is True
+    meta = json.loads((tmp_path / "reg/releases" / cand.name / "store.json").read_text())["metadata"]
+    assert (meta["git_sha"], meta["git_dirty"], meta["dvc_lock_digest"]) == ("abc1234", "false", "e" * 64)

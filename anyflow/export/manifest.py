@@ -1,20 +1,20 @@
-"""The release manifest: what ``anyflow export`` wrote, with checksums, provenance and gate verdict (DESIGN §6).
+"""The release manifest: what ``anyflow export`` wrote, with checksums and the gate verdict (DESIGN §6).
 
 ``manifest.json`` at the release root::
 
     {"files": [{"path": "onnx/transformer.onnx", "sha256": "<64 hex>", "size": 1234}, ...],
-     "git_sha": "<source commit>", "git_dirty": false, "dvc_lock_digest": "<sha256 of dvc.lock or ''>",
-     "gate": {"passed": true, ...gate metrics}, "created": "<UTC ISO 8601>", "profile": "toy",
+     "gate": {"passed": true, ...gate metrics}, "profile": "toy",
      "parity": {"transformer": {"max_abs": ..., "max_rel": ...}, ...}, "components": {...}}
 
-The store (``anyflow.store``) relies on ``files[].path/sha256/size``, ``git_sha``, ``dvc_lock_digest`` and
-``gate.passed``; keep those names. :func:`verify_release` recomputes every size and sha256 and reports missing,
-tampered and unlisted files.
+The manifest is a pure function of what was exported: no clock, no commit, no dvc.lock digest, so the same code,
+params and seeds write the same bytes on every machine and DVC's hashes (and run cache) are shared. Provenance —
+git commit, dirty flag, dvc.lock digest — is recorded where it is true: when a release is **promoted**
+(:func:`provenance`, stored as the candidate's metadata). :func:`verify_release` recomputes every size and sha256
+and reports missing, tampered and unlisted files.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,6 +57,12 @@ def dvc_lock_digest(path: str | Path = "dvc.lock") -> str:
     return sha256_file(path) if path.is_file() else ""
 
 
+def provenance(repo: str | Path = ".") -> dict:
+    """What a promotion records about where a release came from: ``git_sha``, ``git_dirty``, ``dvc_lock_digest``."""
+    sha, dirty = git_state(repo)
+    return {"git_sha": sha, "git_dirty": dirty, "dvc_lock_digest": dvc_lock_digest(Path(repo) / "dvc.lock")}
+
+
 def gate_summary(candidates: list[str | Path]) -> dict:
     """The first existing gate report among ``candidates`` with a boolean ``passed``; ``passed: False`` (and why)
     when none exists, so an un-gated release can never be promoted."""
@@ -83,22 +89,12 @@ def _verdict(report: Mapping[str, Any]) -> bool:
     return False
 
 
-def build_manifest(root: str | Path, *, git_sha: str, dvc_lock: str, gate: Mapping[str, Any], profile: str,
-                   parity: Mapping[str, Any], git_dirty: bool = False, extra: Mapping[str, Any] | None = None,
-                   created: str | None = None) -> dict:
+def build_manifest(root: str | Path, *, gate: Mapping[str, Any], profile: str, parity: Mapping[str, Any],
+                   extra: Mapping[str, Any] | None = None) -> dict:
     """Assemble the manifest for the files now under ``root`` (pure apart from hashing the files)."""
     if not isinstance(gate.get("passed"), bool):
         raise ValueError("gate.passed: must be true or false")
-    manifest = {
-        "files": file_entries(root),
-        "git_sha": git_sha,
-        "git_dirty": git_dirty,
-        "dvc_lock_digest": dvc_lock,
-        "gate": dict(gate),
-        "created": created or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "profile": profile,
-        "parity": dict(parity),
-    }
+    manifest = {"files": file_entries(root), "gate": dict(gate), "profile": profile, "parity": dict(parity)}
     manifest.update(extra or {})
     if not manifest["files"]:
         raise ValueError(f"{root}: release has no files")
@@ -114,7 +110,7 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: release manifest not found (run `anyflow export`)")
     manifest = read_json(path)
-    for key in ("files", "git_sha", "dvc_lock_digest", "gate"):
+    for key in ("files", "gate"):
         if key not in manifest:
             raise ValueError(f"{path}: missing field '{key}'")
     return manifest

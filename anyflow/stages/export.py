@@ -8,7 +8,8 @@ built in a temporary directory and swapped in only when every check passed::
     pipeline/            AnyFlowPipeline.from_pretrained(...) loads it (merged transformer, teacher VAE, text
                          encoder, tokenizer, FlowMapEulerDiscreteScheduler(shift = model.flow_shift))
     onnx/transformer.onnx, onnx/text_encoder.onnx, onnx/vae_decoder.onnx
-    manifest.json        files + sha256 + sizes, git sha, dvc.lock digest, gate verdict, parity, runtime shapes
+    manifest.json        files + sha256 + sizes, gate verdict, parity, runtime shapes (no clock, commit or dvc.lock
+                         digest: the same inputs export the same bytes; `anyflow promote` records provenance)
 
 ``--out`` another directory (``artifacts/release_domain``) writes ``metrics/export_domain.json`` instead
 (:func:`metrics_name`). The manifest's gate verdict is copied from ``--gate`` (default: the stage-2 gate report
@@ -173,15 +174,15 @@ def gate_verdict(candidates: list[Path], adapter_path: Path) -> dict:
 
 
 def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: Optional[str] = None,
-        repo: str | Path = ".", gate: Optional[str] = None) -> ExportOutputs:
+        gate: Optional[str] = None) -> ExportOutputs:
     """The whole stage (see the module docstring); gradients off inside, global torch state untouched."""
     import torch
 
     with torch.no_grad():
-        return _run(cfg, adapter, teacher, out, repo, gate)
+        return _run(cfg, adapter, teacher, out, gate)
 
 
-def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], repo: str | Path,
+def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str],
          gate_report: Optional[str] = None) -> ExportOutputs:
     import torch
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, FlowMapEulerDiscreteScheduler
@@ -279,7 +280,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
                    "vae_decoder": "batch 1, fixed latent frame count (causal-conv frame loop unrolled)"}
         if far:
             runtime.update(fr.far_runtime_block(scfg, merged, teacher_pipe.vae))
-        mf.write_manifest(tmp, {"files": [], "git_sha": "", "dvc_lock_digest": "", "gate": {"passed": False},
+        mf.write_manifest(tmp, {"files": [], "gate": {"passed": False},
                                 "runtime": runtime})  # provisional: lets the runtime read shapes for the check
 
         # 3. a full 4-step generation: ONNX Runtime vs torch
@@ -312,7 +313,6 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
             parity["scores"] = quality
 
         # 4. manifest (last: it hashes everything above)
-        git_sha, dirty = mf.git_state(repo)
         reports = [Path(gate_report)] if gate_report else [paths.gate / "report.json", paths.metric("gate")]
         gate = gate_verdict(reports, adapter_path)
         extra = {"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)}
@@ -320,9 +320,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str], 
             extra.update(architecture="far", chunk_partition=list(scfg.chunk_partition), notes=[fr.FAR_ONNX_NOTE],
                          components=list(cfg.export.components) + (["vae_encoder"] if "vae_encoder" in parity
                                                                    else []))
-        manifest = mf.build_manifest(
-            tmp, git_sha=git_sha, git_dirty=dirty, dvc_lock=mf.dvc_lock_digest(Path(repo) / "dvc.lock"), gate=gate,
-            profile=cfg.profile, parity=parity, extra=extra)
+        manifest = mf.build_manifest(tmp, gate=gate, profile=cfg.profile, parity=parity, extra=extra)
         mf.write_manifest(tmp, manifest)
         mf.verify_release(tmp)
     seconds["total"] = time.perf_counter() - tic

@@ -276,13 +276,26 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     report["seconds"] = seconds
 
     with atomic_dir(paths.root / out_name) as tmp:
-        write_json(tmp / "report.json", report)
+        write_json(tmp / "report.json", without_timings(report))  # timings go to the metrics only
         atomic_write_text(tmp / "summary.md", summary_markdown(report))
         write_step_plot(report, tmp / "step_scaling.png")
         write_previews(previews, tmp / "previews", fps=cfg.video.fps)
     write_steps_csv(report, paths.plots / f"{out_name}_steps.csv")
     write_json(paths.metric(out_name), metrics_of(report))
     return report
+
+
+TIMING_KEYS = frozenset({"seconds", "sampling_seconds", "seconds_per_chunk"})
+
+
+def without_timings(obj):
+    """``obj`` without its timing keys: the report is a DVC output and must be the same bytes on every run of the
+    same code, params and seeds; how long it took is run-to-run noise and lives in ``metrics/<gate>.json``."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
 
 
 def _policy_dict(p) -> dict:

@@ -72,6 +72,7 @@ def _emit(args, payload: dict) -> None:
 
 
 def main(cfg: Config, args) -> int:
+    from anyflow.export.manifest import provenance
     from anyflow.store import GateFailedError
 
     store = open_configured_store(cfg)
@@ -85,7 +86,8 @@ def main(cfg: Config, args) -> int:
     paths = StagePaths.of(cfg)
     release_dir = Path(args.release) if args.release else paths.release
     passed, reason = gate_verdict(release_dir, paths)
-    extra = dict(item.split("=", 1) for item in args.meta if "=" in item)
+    # provenance is recorded here, not in the release (whose bytes depend only on code, params and seeds)
+    extra = {**provenance("."), **dict(item.split("=", 1) for item in args.meta if "=" in item)}
     candidate = store.put_release(release_dir, metadata=extra, name=args.name)
     if not passed:
         print(f"anyflow promote: refused: {reason}; candidate {candidate.name} stored, nothing promoted",

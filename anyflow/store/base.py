@@ -2,8 +2,12 @@
 
 A *release* is the directory written by ``anyflow export``: model files plus ``manifest.json``::
 
-    {"files": [{"path": "transformer/model.onnx", "sha256": "…", "size": 123}, …],
-     "git_sha": "…", "dvc_lock_digest": "…", "gate": {"passed": true, …metrics}}
+    {"files": [{"path": "transformer/model.onnx", "sha256": "…", "size": 123}, …], "gate": {"passed": true, …}}
+
+Provenance (``git_sha``, ``git_dirty``, ``dvc_lock_digest``) is not part of the release — the same code and
+params export the same bytes anywhere — but of the candidate's metadata, recorded at ``anyflow promote``
+(:func:`anyflow.export.manifest.provenance`). Manifests written before that carry it themselves; it is read
+from there when the metadata lacks it.
 
 Life cycle, the same for every backend:
 
@@ -30,6 +34,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+PROVENANCE = ("git_sha", "git_dirty", "dvc_lock_digest")
 
 
 class StoreError(RuntimeError):
@@ -67,7 +72,7 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     """Check the manifest contract (see module docstring); every error names ``where`` and the field."""
     if not isinstance(manifest, dict):
         raise ValueError(f"{where}: top level must be an object")
-    for key in ("files", "git_sha", "dvc_lock_digest", "gate"):
+    for key in ("files", "gate"):
         if key not in manifest:
             raise ValueError(f"{where}: missing field '{key}'")
     files = manifest["files"]
@@ -96,8 +101,8 @@ def validate_manifest(manifest: Any, where: str = MANIFEST) -> dict:
     gate = manifest["gate"]
     if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
         raise ValueError(f"{where}: 'gate.passed' must be true or false")
-    for key in ("git_sha", "dvc_lock_digest"):
-        if not isinstance(manifest[key], str):
+    for key in PROVENANCE:
+        if key in manifest and not isinstance(manifest[key], (str, bool)):
             raise ValueError(f"{where}: '{key}' must be a string")
     return manifest
 
@@ -132,20 +137,26 @@ def check_name(name: str) -> str:
     return name
 
 
-def default_name(manifest: Mapping, when: str) -> str:
+def default_name(metadata: Mapping, when: str) -> str:
     """``r<UTC yyyymmddHHMMSS>-<git sha[:8]>``: sortable by time and traceable to the source commit."""
-    sha = re.sub(r"[^0-9a-zA-Z]", "", manifest.get("git_sha") or "")[:8] or "nogit"
+    sha = re.sub(r"[^0-9a-zA-Z]", "", str(metadata.get("git_sha") or ""))[:8] or "nogit"
     return check_name(f"r{when}-{sha}")
 
 
 def commit_metadata(manifest: Mapping, extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Flat string metadata for a commit/registry entry: git sha, dvc.lock digest and every gate metric."""
-    meta = {"git_sha": str(manifest["git_sha"]), "dvc_lock_digest": str(manifest["dvc_lock_digest"])}
+    """Flat string metadata for a commit/registry entry: provenance (from ``extra``, else an older manifest),
+    every gate metric, then ``extra``."""
+    extra = dict(extra or {})
+    meta = {key: _str(extra.get(key, manifest.get(key, ""))) for key in PROVENANCE}
     for key, value in _flatten(manifest["gate"], "gate.").items():
-        meta[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    for key, value in (extra or {}).items():
-        meta[str(key)] = str(value)
+        meta[key] = _str(value)
+    for key, value in extra.items():
+        meta[str(key)] = _str(value)
     return meta
+
+
+def _str(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _flatten(obj: Any, prefix: str) -> dict[str, Any]:

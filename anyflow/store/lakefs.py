@@ -63,8 +63,9 @@ class LakeFSStore(Store):
         release_dir = Path(release_dir)
         manifest = read_manifest(release_dir)
         verify_tree(release_dir, manifest)
-        name = check_name(name or default_name(manifest, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
-        meta = commit_metadata(manifest, {**(metadata or {}), "release": name})
+        meta = commit_metadata(manifest, metadata)
+        name = check_name(name or default_name(meta, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
+        meta["release"] = name
         if name in self.list():
             raise StoreError(f"release {name}: already tagged in lakefs://{self.repo.id}; releases are immutable")
         try:
@@ -93,7 +94,8 @@ class LakeFSStore(Store):
             raise GateFailedError(f"candidate {name}: gate.passed is false; not merged into {self.main}, not tagged")
         if name in self.list():  # check before merging: a failed tag after a merge would leave main untagged
             raise StoreError(f"release {name}: already tagged in lakefs://{self.repo.id}")
-        meta = commit_metadata(manifest, {"release": name})
+        stored = json.loads(self._read(branch.object(RELEASE_JSON))).get("metadata", {})
+        meta = commit_metadata(manifest, {**stored, "release": name})  # the candidate's provenance, recorded again
         merge_id = branch.merge_into(self.main, message=f"promote {name}", metadata=meta, strategy="source-wins")
         self.repo.tag(name).create(merge_id)
         return Release(name, name)

@@ -46,10 +46,10 @@ class LocalStore(Store):
         release_dir = Path(release_dir)
         manifest = read_manifest(release_dir)
         verify_tree(release_dir, manifest)  # never store a release that does not match its own manifest
-        name = check_name(name or default_name(manifest, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
+        meta = commit_metadata(manifest, metadata)
+        name = check_name(name or default_name(meta, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
         if self._release(name).exists():
             raise StoreError(f"release {name}: already promoted; releases are immutable")
-        meta = commit_metadata(manifest, metadata)
         with atomic_dir(self._candidate(name)) as tmp:
             for entry in manifest["files"]:
                 target = tmp / entry["path"]
