@@ -159,6 +159,20 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
         other.maybe_resume()
 
 
+def test_checkpoint_of_another_run_is_refused_not_continued(tmp_path):
+    """[L] A checkpoint left by a killed run is resumed only by the same run: after a change of any parameter (here
+    the learning rate) continuing it would mix two runs into a result no re-run reproduces."""
+    t = make_trainer(tmp_path)
+    t.train(2, progress=False)
+    t.save_checkpoint()
+    optim = replace(CFG.stage1.optim, lr=5e-3)
+    other = make_trainer(tmp_path, cfg=replace(CFG, stage1=replace(CFG.stage1, optim=optim)))
+    with pytest.raises(ValueError, match="another run.*--fresh"):
+        other.maybe_resume()
+    same = make_trainer(tmp_path)
+    assert same.maybe_resume() and same.state.step == 2
+
+
 @pytest.mark.slow
 def test_two_rank_ddp_step_equals_one_process(tmp_path):
     """2 gloo ranks with local batch 2 take exactly the steps 1 process takes with batch 4 (global-index split,

@@ -52,6 +52,43 @@ def step_generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def run_key(cfg, params: dict[str, torch.Tensor], data_fn, *extra) -> str:
+    """Fingerprint of what determines a training run: every parameter (the frozen ``Config``'s repr), the trainable
+    weights it starts from (base adapter, seeded LoRA init), the data (a probe batch drawn from ``data_fn`` with a
+    generator of its own, so the run's RNG is untouched) and ``extra``. A checkpoint is resumed only by the run
+    whose key it carries: one left by a killed run under other params, another base adapter or other data would
+    otherwise be continued silently and give a result no re-run reproduces."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256(repr((cfg, extra)).encode())
+
+    def feed(name: str, x) -> None:
+        h.update(name.encode())
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(str((x.dtype, tuple(x.shape))).encode())
+            h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        else:
+            h.update(repr(x).encode())
+
+    for name in sorted(params):
+        feed(name, params[name])
+    probe = data_fn(torch.Generator().manual_seed(0))
+    items = (vars(probe) if not dataclasses.is_dataclass(probe) else
+             {f.name: getattr(probe, f.name) for f in dataclasses.fields(probe)})
+    for name in sorted(items):
+        feed(f"data.{name}", items[name])
+    return h.hexdigest()
+
+
+def check_run_key(checkpoint: dict, key: Optional[str], path: Optional[Path]) -> None:
+    """Refuse a checkpoint written by another run (:func:`run_key`): continuing it would silently mix two runs."""
+    if key is not None and checkpoint.get("run_key") != key:
+        raise ValueError(f"{path}: checkpoint was written by another run (params, starting weights or data changed "
+                         "since); delete it or run the stage with --fresh")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -27,8 +27,8 @@ from anyflow.config import Config, Optim
 from anyflow.models.far import far_stage1_velocity, is_far
 from anyflow.models.student import STUDENT, adapter_parameters, set_trainable, student_velocity, teacher_velocity
 from anyflow.objectives.flowmap import stage1_terms
-from anyflow.train.common import (Ema, copy_params_, load_checkpoint, make_optimizer, save_checkpoint,
-                                  step_generator)
+from anyflow.train.common import (Ema, check_run_key, copy_params_, load_checkpoint, make_optimizer, run_key,
+                                  save_checkpoint, step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class FlowMapTrainer:
         if s1.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.params = adapter_parameters(model, adapter)
+        self.run_key = (run_key(cfg, self.params, data_fn, optim, seed, self.global_batch, self.velocity_target,
+                                adapter, desc) if self.ckpt_dir else None)
         self.opt, self.sched = make_optimizer(list(self.params.values()), optim)
         self.ema = Ema(self.params, optim.ema_decay)
         self.model = self.acc.prepare(model) if world > 1 else model.to(self.acc.device)
@@ -154,13 +156,14 @@ class FlowMapTrainer:
         return {"step": self.state.step, "history": self.state.history,
                 "params": {n: p.detach().cpu().clone() for n, p in self.params.items()},
                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "ema": self.ema.state_dict(),
-                "seed": self.seed, "global_batch": self.global_batch}
+                "seed": self.seed, "global_batch": self.global_batch, "run_key": self.run_key}
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("seed", "global_batch"):
             if sd.get(key) != getattr(self, key):
                 raise ValueError(f"{self.ckpt_path}: checkpoint was written with {key}={sd.get(key)} "
                                  f"(now {getattr(self, key)}); delete it or restore the setting")
+        check_run_key(sd, self.run_key, self.ckpt_path)
         copy_params_(self.params, sd["params"], f"adapter {self.adapter!r}")
         self.opt.load_state_dict(sd["opt"])
         self.sched.load_state_dict(sd["sched"])

@@ -41,7 +41,7 @@ import torch
 from anyflow.config import Config
 from anyflow.objectives.dmd import fake_score_loss, generator_dmd_loss, guided_velocity, logit_normal_time, renoise_time
 from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
-from anyflow.train.common import Ema, load_checkpoint, make_optimizer, save_checkpoint
+from anyflow.train.common import Ema, check_run_key, load_checkpoint, make_optimizer, run_key, save_checkpoint
 from anyflow.train.common import write_loss_csv as _write_csv
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,9 @@ class Stage2Trainer:
         self.opt, self.sched = make_optimizer(list(self.student.values()), s2.optim)
         self.fake_opt, self.fake_sched = make_optimizer(list(self.fake.values()), s2.fake_optim)
         self.ema = Ema(self.student, s2.optim.ema_decay)
+        self.run_key = (run_key(cfg, {**{f"student.{n}": p for n, p in self.student.items()},
+                                      **{f"fake.{n}": p for n, p in self.fake.items()}}, data_fn)
+                        if self.ckpt_dir else None)
         self.generator = torch.Generator().manual_seed(s2.seed)
         self.state = TrainState(step=0, history=[])
 
@@ -263,9 +266,11 @@ class Stage2Trainer:
             "fake_opt": self.fake_opt.state_dict(), "fake_sched": self.fake_sched.state_dict(),
             "ema": self.ema.state_dict(),
             "generator": self.generator.get_state(),
+            "run_key": self.run_key,
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        check_run_key(sd, self.run_key, self.ckpt_path)
         with torch.no_grad():
             for name, params in (("student", self.student), ("fake", self.fake)):
                 missing = set(params) ^ set(sd[name])
