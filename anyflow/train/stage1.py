@@ -32,7 +32,8 @@ from anyflow.train.common import (Ema, check_run_key, copy_params_, load_checkpo
 
 log = logging.getLogger(__name__)
 
-LOSS_COLUMNS = ["step", "loss", "mse_r_eq_t", "mse_r_eq_0", "mse_free", "grad_norm", "lr", "seconds"]
+# the loss plot's columns: no timings (plots are DVC outputs, the same bytes on every run; seconds are in metrics)
+LOSS_COLUMNS = ["step", "loss", "mse_r_eq_t", "mse_r_eq_0", "mse_free", "grad_norm", "lr"]
 
 
 def slice_batch(batch, start: int, stop: int):

@@ -336,6 +336,6 @@ class Stage2Trainer:
 
 
 def write_loss_csv(path: Path, history: list[dict]) -> None:
-    """plots/stage2_loss.csv: one row per generator step."""
-    _write_csv(path, history, ["step", "loss", "dmd", "stage1", "fake", "dmd_grad", "grad_norm", "num_steps", "k",
-                               "seconds"])
+    """plots/stage2_loss.csv: one row per generator step (no timings: a DVC output, the same bytes on every run;
+    seconds per step are in the stage's metrics)."""
+    _write_csv(path, history, ["step", "loss", "dmd", "stage1", "fake", "dmd_grad", "grad_norm", "num_steps", "k"])
