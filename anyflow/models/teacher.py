@@ -118,6 +118,25 @@ def latent_shape(pipe, cfg) -> tuple[int, int, int, int]:
     return (vae.config.z_dim, 1 + (v.num_frames - 1) // t, v.height // s, v.width // s)
 
 
+def vae_scale_factors(vae_config) -> tuple[int, int]:
+    """(temporal, spatial) downsampling of a Wan VAE from its strides: ``2^(temporal downsamples)`` and
+    ``2^(len(temperal_downsample))`` (× ``patch_size`` for a patchifying VAE, Wan2.2) — Wan2.1: (4, 8), toy: (2, 4)."""
+    strides = list(vae_config["temperal_downsample"])
+    patch = vae_config.get("patch_size") or 1
+    return 2 ** sum(bool(x) for x in strides), 2 ** len(strides) * int(patch)
+
+
+def declare_vae_scale_factors(vae) -> tuple[int, int]:
+    """Write the VAE's true strides into its config as ``scale_factor_temporal`` / ``scale_factor_spatial``: stock
+    ``WanPipeline`` / ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` size their latents from these two keys, whose
+    ``AutoencoderKLWan`` defaults (4, 8) are Wan2.1's — undeclared, a toy VAE's 9×32×32 call becomes 5×16×16."""
+    t, s = vae_scale_factors(vae.config)
+    if (vae.config.get("scale_factor_temporal"), vae.config.get("scale_factor_spatial")) != (t, s):
+        vae.register_to_config(scale_factor_temporal=t, scale_factor_spatial=s)
+        vae.spatial_compression_ratio = s  # what __init__ derives from scale_factor_spatial (tiling)
+    return t, s
+
+
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(1, c, 1, 1, 1)

@@ -52,14 +52,17 @@ class ToyTeacher:
 
 def build(cfg: Config, seed: int = 0) -> ToyTeacher:
     """Random toy components from ``cfg.model`` (geometry 9×32×32 RGB → z×5×8×8 latents)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, FlowMapEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from anyflow.models.teacher import declare_vae_scale_factors
 
     m = cfg.model
     torch.manual_seed(seed)  # module initialisers draw from the global RNG; seed it explicitly here only
     vae = AutoencoderKLWan(base_dim=m.vae_base_dim, z_dim=m.vae_z_dim, dim_mult=[1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True], attn_scales=[],
                            latents_mean=[0.0] * m.vae_z_dim, latents_std=[1.0] * m.vae_z_dim)
+    declare_vae_scale_factors(vae)  # strides 2 (time) / 4 (space): stock pipelines read them from the config
     per_frame_init(vae)
     tokenizer = ByT5Tokenizer()
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=m.text_d_model, d_kv=m.text_d_model
@@ -71,7 +74,9 @@ def build(cfg: Config, seed: int = 0) -> ToyTeacher:
                                         out_channels=m.vae_z_dim, text_dim=m.text_d_model, freq_dim=m.freq_dim,
                                         ffn_dim=m.ffn_dim, num_layers=m.num_layers, cross_attn_norm=True,
                                         eps=1e-6, rope_max_seq_len=64)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=m.flow_shift)
+    # Euler on shift(1 − i/N), i = 0..N: exactly anyflow's teacher sampler (teacher_ode_sample), so stock WanPipeline
+    # on this directory samples what synthesize / the gate sample (FlowMatchEulerDiscreteScheduler's grid differs)
+    scheduler = FlowMapEulerDiscreteScheduler(shift=m.flow_shift)
     text_encoder.eval().requires_grad_(False)
     return ToyTeacher(tokenizer, text_encoder, vae, transformer, scheduler)
 
@@ -266,8 +271,11 @@ def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
                      "latent_pool": int(pool), "vae_seconds": vae_seconds, "fm_seconds": fm_seconds}
 
 
-def save(teacher: ToyTeacher, path: str | Path) -> Path:
-    """Save a complete WanPipeline directory atomically (``WanPipeline.from_pretrained(path)`` loads it offline)."""
+def save(teacher: ToyTeacher, path: str | Path, card: str | None = None) -> Path:
+    """Save a complete WanPipeline directory atomically (``WanPipeline.from_pretrained(path)`` loads it offline),
+    with ``card`` as its model card ``README.md`` (:func:`anyflow.export.model_card.teacher_card`)."""
     with atomic_dir(path) as tmp:
         teacher.pipeline().save_pretrained(str(tmp), safe_serialization=True)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
     return Path(path)
