@@ -6,7 +6,8 @@ and the student adapter (``--adapter auto``: ``artifacts/stage2/ema_adapter.safe
 built in a temporary directory and swapped in only when every check passed::
 
     pipeline/            AnyFlowPipeline.from_pretrained(...) loads it (merged transformer, teacher VAE, text
-                         encoder, tokenizer, FlowMapEulerDiscreteScheduler(shift = model.flow_shift))
+                         encoder, tokenizer, FlowMapEulerDiscreteScheduler(shift = model.flow_shift)) and
+                         README.md, its model card: the stock call, base model, gate verdict (anyflow.export.model_card)
     onnx/transformer.onnx, onnx/text_encoder.onnx, onnx/vae_decoder.onnx
     manifest.json        files + sha256 + sizes, gate verdict, parity, runtime shapes (no clock, commit or dvc.lock
                          digest: the same inputs export the same bytes; `anyflow promote` records provenance)
@@ -73,9 +74,11 @@ class ExportOutputs:
 # ------------------------------------------------------------------------------------------------ inputs
 def load_teacher_pipeline(root: Path):
     """The teacher as a ``WanPipeline`` (the toy teacher is saved exactly like Wan2.1, DESIGN §4), offline."""
-    from anyflow.models.teacher import load_teacher
+    from anyflow.models.teacher import declare_vae_scale_factors, load_teacher
 
-    return load_teacher(root)
+    pipe = load_teacher(root)
+    declare_vae_scale_factors(pipe.vae)  # the release's VAE config names its strides, even from an older teacher
+    return pipe
 
 
 def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path, scfg=None):
@@ -189,6 +192,7 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str],
 
     from anyflow.export import far_release as fr
     from anyflow.export import manifest as mf
+    from anyflow.export import model_card as mc
     from anyflow.export import onnx_export as ox
     from anyflow.export.runtime import OnnxBackend, ReleaseInfo, TorchBackend, generate
     from anyflow.stages.gate import architecture_of
@@ -204,7 +208,8 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str],
     quality: dict[str, dict] = {}
     tic = time.perf_counter()
 
-    teacher_pipe = load_teacher_pipeline(teacher_dir(cfg, paths, teacher))
+    teacher_root = teacher_dir(cfg, paths, teacher)
+    teacher_pipe = load_teacher_pipeline(teacher_root)
     model = student_with_adapter(teacher_pipe.transformer, cfg, adapter_path, scfg)
     shape = latent_shape(cfg, teacher_pipe.vae, model.config.in_channels)
     if far and sum(scfg.chunk_partition) != shape[1]:
@@ -315,6 +320,9 @@ def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str],
         # 4. manifest (last: it hashes everything above)
         reports = [Path(gate_report)] if gate_report else [paths.gate / "report.json", paths.metric("gate")]
         gate = gate_verdict(reports, adapter_path)
+        mc.write_card(tmp / "pipeline", mc.release_card(  # the stock call, base model and gate verdict (README.md)
+            cfg, release / "pipeline", gate=gate, base_model=mc.base_model_name(cfg, teacher_root),
+            vae=teacher_pipe.vae, transformer=merged, release=release))
         extra = {"runtime": runtime, "adapter": str(adapter_path), "components": list(cfg.export.components)}
         if far:
             extra.update(architecture="far", chunk_partition=list(scfg.chunk_partition), notes=[fr.FAR_ONNX_NOTE],

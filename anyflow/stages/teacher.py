@@ -1,8 +1,9 @@
 """``anyflow teacher``: train the toy Wan teacher (toy) or verify a local Wan2.1 diffusers directory (wan-*).
 
-Outputs: ``artifacts/teacher`` (a complete WanPipeline directory for toy; for ``model.source == "local"`` a
-``teacher.json`` pointer recording the local directory and its sha256_tree) and ``metrics/teacher.json``
-(stage seconds, VAE reconstruction error, held-out semantic accuracy of 50-step CFG samples).
+Outputs: ``artifacts/teacher`` (a complete WanPipeline directory for toy, with a model card ``README.md`` naming the
+stock call; for ``model.source == "local"`` a ``teacher.json`` pointer recording the local directory and its
+sha256_tree) and ``metrics/teacher.json`` (stage seconds, VAE reconstruction error, held-out semantic accuracy of
+50-step CFG samples).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def vae_recon_error(pipe, cfg: Config, n: int = 16, seed: int = 7) -> float:
 
 def run(cfg: Config, out_dir: Path | None = None, progress: bool = True, evaluate: bool = True) -> dict:
     """Train + save the toy teacher into ``out_dir`` (default artifacts/teacher); returns metrics."""
+    from anyflow.export import model_card
     from anyflow.models import toy_teacher
     from anyflow.models.teacher import load_teacher
 
@@ -88,7 +90,8 @@ def run(cfg: Config, out_dir: Path | None = None, progress: bool = True, evaluat
     try:
         t0 = time.time()
         teacher, metrics = toy_teacher.train(cfg, progress=progress)
-        toy_teacher.save(teacher, out_dir)
+        card = model_card.teacher_card(cfg, out_dir, teacher.vae, teacher.transformer)
+        toy_teacher.save(teacher, out_dir, card=card)
         metrics["train_seconds"] = time.time() - t0
         if evaluate:
             pipe = load_teacher(out_dir)
