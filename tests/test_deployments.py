@@ -79,31 +79,8 @@ def test_work_pools_are_defined_once_and_reused(configs):
                      "continued-training": "anyflow-gpu", "release": "anyflow-local"}
 
 
-@pytest.mark.slow
-def test_prefect_deploy_registers_every_deployment(prefect_harness, tmp_path):
-    """`prefect deploy --all` (the CLI, as an operator runs it) against the session's Prefect API."""
-    import os
-    import subprocess
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "ANYFLOW_REPO": str(ROOT),
-           "ANYFLOW_IMAGE": "anyflow:test", "PREFECT_HOME": str(tmp_path)}
-    prefect = [sys.executable, "-m", "prefect"]
-    for pool, kind in (("anyflow-local", "process"), ("anyflow-gpu", "kubernetes")):
-        subprocess.run([*prefect, "work-pool", "create", pool, "--type", kind, "--overwrite"], env=env,
-                       cwd=ROOT, check=True, capture_output=True, timeout=120)
-    out = subprocess.run([*prefect, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    with get_client(sync_client=True) as client:
-        names = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-    assert {"anyflow-distill/nightly-refresh", "anyflow-distill/cluster-distill",
-            "anyflow-continued-training/continued-training", "anyflow-release/release"} <= set(names)
-    nightly = names["anyflow-distill/nightly-refresh"]
-    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
-    assert nightly.work_pool_name == "anyflow-local" and nightly.parameters["num_shards"] == 2
+# `prefect deploy --all` as an operator runs it (through deploy/local.sh, against a real `prefect server`, every
+# deployment's flow/name, pool, schedule and parameters checked): tests/test_prefect_server.py.
 
 
 def test_layering_flows_never_import_torch_and_the_library_never_imports_prefect():

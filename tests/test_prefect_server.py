@@ -27,8 +27,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy/local.sh"
-EXPECTED = {"nightly-refresh": "anyflow-local", "cluster-distill": "anyflow-gpu",
-            "continued-training": "anyflow-gpu", "release": "anyflow-local"}
+EXPECTED = {"anyflow-distill/nightly-refresh": "anyflow-local", "anyflow-distill/cluster-distill": "anyflow-gpu",
+            "anyflow-continued-training/continued-training": "anyflow-gpu", "anyflow-release/release": "anyflow-local"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -109,9 +109,13 @@ def test_up_starts_server_pools_every_deployment_and_a_worker(stack):
     pools = {p["name"]: p for p in _api(env, "POST", "/work_pools/filter", {})}
     assert pools["anyflow-local"]["type"] == "process" and pools["anyflow-gpu"]["type"] == "kubernetes"
     assert pools["anyflow-local"]["status"] == "READY"  # a worker polls it
-    deployments = {d["name"]: d["work_pool_name"] for d in _api(env, "POST", "/deployments/filter", {})}
-    assert deployments == EXPECTED
-    release = next(d for d in _api(env, "POST", "/deployments/filter", {}) if d["name"] == "release")
+    flows = {f["id"]: f["name"] for f in _api(env, "POST", "/flows/filter", {})}
+    deployments = {f"{flows[d['flow_id']]}/{d['name']}": d for d in _api(env, "POST", "/deployments/filter", {})}
+    assert {name: d["work_pool_name"] for name, d in deployments.items()} == EXPECTED
+    nightly = deployments["anyflow-distill/nightly-refresh"]
+    assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", True)]
+    assert nightly["parameters"] == {"repo": ".", "num_shards": 2}
+    release = deployments["anyflow-release/release"]
     pull = release["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == str(stack["repo"])  # {{ $ANYFLOW_REPO }} resolved at deploy time
     out = stack["up"].stdout
