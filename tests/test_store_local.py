@@ -144,3 +144,29 @@ def test_store_accepts_the_manifest_written_by_anyflow_export(tmp_path):
     assert mf.verify_release(out)["gate"]["passed"] is True
     meta = json.loads((tmp_path / "reg/releases" / cand.name / "store.json").read_text())["metadata"]
     assert (meta["git_sha"], meta["git_dirty"], meta["dvc_lock_digest"]) == ("abc1234", "false", "e" * 64)
+
+
+def test_a_crash_between_move_and_history_is_finished_by_the_next_write(tmp_path):
+    """[L] The move to releases/ is the promotion's decision; a crash before history.json/latest record it leaves
+    an unrecorded release that the next write records (then makes its own change), and a `latest` file behind
+    history is rewritten."""
+    store = LocalStore(tmp_path / "reg")
+    store.put_release(make_release(tmp_path / "a", payload=b"A" * 10), name="r1")
+    os.makedirs(tmp_path / "reg/releases")
+    os.replace(tmp_path / "reg/candidates/r1", tmp_path / "reg/releases/r1")  # "killed" right after the move
+    assert store.list() == [] and store.latest() is None
+    store.promote(store.put_release(make_release(tmp_path / "b", payload=b"B" * 10), name="r2"))
+    assert store.list() == ["r1", "r2"] and store.latest() == "r2"
+    (tmp_path / "reg/latest").write_text("r1\n")  # "killed" between history.json and latest
+    store.rollback("r2")
+    assert store.latest() == "r2" and [e["action"] for e in store.history()] == ["promote", "promote", "rollback"]
+
+
+def test_retrying_the_promotion_of_the_current_release_is_a_no_op(tmp_path):
+    store = LocalStore(tmp_path / "reg")
+    rel = make_release(tmp_path / "a", payload=b"A" * 10)
+    store.promote(store.put_release(rel, name="r1"))
+    store.promote(store.put_release(rel, name="r1"))  # e.g. a Prefect retry after the promotion went through
+    assert store.list() == ["r1"] and len(store.history()) == 1
+    with pytest.raises(StoreError, match="already promoted"):  # another release under the same name is refused
+        store.put_release(make_release(tmp_path / "b", payload=b"B" * 10), name="r1")

@@ -9,7 +9,11 @@ Layout::
 
 Every write is atomic: directories are built under a temporary name and renamed into place
 (:func:`anyflow.utils.io.atomic_dir`), pointer files are replaced with ``os.replace``. A crash leaves either the old
-or the new state, never a half-written release.
+or the new state, never a half-written release. A promotion is decided by moving ``candidates/<name>`` to
+``releases/<name>`` (after the gate and checksum checks); ``history.json`` then records it and ``latest`` follows.
+A crash between those steps is finished by the next write (:meth:`LocalStore._recover`): an unrecorded release is
+recorded, a ``latest`` behind history is rewritten. Promoting the current release again is a no-op, so a retried
+``anyflow promote --name NAME`` ends where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -48,7 +52,14 @@ class LocalStore(Store):
         verify_tree(release_dir, manifest)  # never store a release that does not match its own manifest
         meta = commit_metadata(manifest, metadata)
         name = check_name(name or default_name(meta, time.strftime("%Y%m%d%H%M%S", time.gmtime())))
-        if self._release(name).exists():
+        with self._lock():
+            self._recover()
+        done = self._release(name)
+        if done.exists():
+            if self.latest() == name and (done / MANIFEST).read_bytes() == (release_dir / MANIFEST).read_bytes():
+                # a retry of the promotion that made it current (e.g. after a crash): nothing left to store
+                return Candidate(name, manifest["gate"]["passed"], str(done),
+                                 read_json(done / STORE_JSON)["metadata"])
             raise StoreError(f"release {name}: already promoted; releases are immutable")
         with atomic_dir(self._candidate(name)) as tmp:
             for entry in manifest["files"]:
@@ -62,11 +73,14 @@ class LocalStore(Store):
 
     def promote(self, candidate: Candidate | str) -> Release:
         with self._lock():
+            self._recover()
             return self._promote(candidate)
 
     def _promote(self, candidate: Candidate | str) -> Release:
         name = candidate.name if isinstance(candidate, Candidate) else check_name(candidate)
         src = self._candidate(name)
+        if not src.exists() and self._release(name).is_dir() and self.latest() == name:
+            return Release(name, str(self._release(name)))  # already done: promoting the current release again
         if not src.is_dir():
             raise StoreError(f"candidate {name}: not found under {src.parent}")
         manifest = read_manifest(src)
@@ -86,6 +100,7 @@ class LocalStore(Store):
             return self._rollback(to_release)
 
     def _rollback(self, to_release: str) -> Release:
+        self._recover()
         name = check_name(to_release)
         if not self._release(name).is_dir():
             known = ", ".join(self.list()) or "none"
@@ -129,6 +144,21 @@ class LocalStore(Store):
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _recover(self) -> None:
+        """Finish what a crash interrupted (under the lock): record every release directory that history does not
+        name (the move is the promotion's decision, taken after its checks), then point ``latest`` at history's
+        last event."""
+        releases = self.root / "releases"
+        recorded = set(self.list())
+        if releases.is_dir():
+            for d in sorted(p for p in releases.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                if d.name not in recorded:
+                    verify_tree(d, read_manifest(d))
+                    self._set_latest(d.name, action="promote")
+        events = self.history()
+        if events and self.latest() != events[-1]["release"]:
+            atomic_write_text(self.root / "latest", events[-1]["release"] + "\n")
 
     def _set_latest(self, name: str, action: str) -> None:
         events = self.history()
