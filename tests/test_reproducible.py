@@ -100,3 +100,17 @@ def test_promotion_records_provenance_not_the_release(tmp_path, monkeypatch, ext
     assert meta["dvc_lock_digest"] == hashlib.sha256(b"schema: '2.0'\n").hexdigest()
     assert all(meta[k] == v for k, v in extra.items())
     assert (rel / "manifest.json").read_bytes() == before
+
+
+def test_a_killed_writes_temporary_file_is_not_part_of_an_output():
+    """[L] A shard killed mid-write leaves `.shard-*.safetensors.<random>.tmp` inside artifacts/data (shards are
+    written in place so synthesis resumes); .dvcignore keeps it out of the output's hash."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stray = "artifacts/data/.shard-00001.safetensors.k2j4h1.tmp"
+    out = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", stray], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and stray in out.stdout, out.stdout + out.stderr
+    kept = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "artifacts/data/shard-00001.safetensors"],
+                          cwd=root, capture_output=True, text=True)
+    assert kept.returncode == 1
