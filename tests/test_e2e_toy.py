@@ -66,6 +66,8 @@ def test_distill_flow_real_stages_promotes_only_on_passing_gate(tmp_path, prefec
     report = yaml.safe_load((tmp_path / "artifacts/gate/report.json").read_text())
     assert sorted(report["candidate"]["by_nfe"], key=int) == ["1", "2", "4"] and "consistency" in report["baselines"]
 
+    _check_reproducible_and_shareable(tmp_path, lock)
+
     # a stricter policy: only the gate re-runs (DVC skips the rest), it fails, nothing is exported or promoted
     stage2_lock = lock["stage2"]
     manifest_before = (tmp_path / "artifacts/release/manifest.json").read_bytes()
@@ -76,3 +78,45 @@ def test_distill_flow_real_stages_promotes_only_on_passing_gate(tmp_path, prefec
     assert yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["stage2"] == stage2_lock
     assert (tmp_path / "artifacts/release/manifest.json").read_bytes() == manifest_before
     assert _latest(tmp_path) == "e2e1" and not (tmp_path / "registry/releases/e2e2").exists()
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, f"dvc {' '.join(args)}: {out.stdout}{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def _out_hashes(lock: dict) -> dict:
+    """{stage: {path: md5}} of every cached output (metrics/plots carry timings and are not cached)."""
+    return {name: {o["path"]: o["md5"] for o in st.get("outs", []) if o["path"].startswith("artifacts/")}
+            for name, st in lock.items()}
+
+
+def _check_reproducible_and_shareable(repo: Path, lock: dict) -> None:
+    """[L] (1) a stage re-run from scratch in a new process writes the same bytes: its dvc.lock hash is unchanged;
+    (2) a second clone that ran `dvc pull` from the local remote finds every stage up to date — `dvc repro` runs
+    nothing, so runs are shared between machines through the DVC remote."""
+    _dvc(repo, "repro", "--force", "--single-item", "stage1")
+    relocked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert _out_hashes(relocked) == _out_hashes(lock)
+
+    import shutil
+
+    remote = repo.parent / f"{repo.name}-remote"
+    _dvc(repo, "remote", "add", "-d", "local", str(remote))
+    _dvc(repo, "push")  # README's commands, verbatim
+    clone = repo.parent / f"{repo.name}-clone"
+    clone.mkdir()
+    for path in ("dvc.yaml", "dvc.lock", "params.yaml", "metrics", "plots"):  # what a git clone checks out
+        src = repo / path
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, clone / path)
+    _dvc(clone, "init", "--no-scm", "-q")
+    _dvc(clone, "remote", "add", "-d", "local", str(remote))
+    _dvc(clone, "pull")
+    assert "up to date" in _dvc(clone, "status")
+    rerun = _dvc(clone, "repro")
+    assert "Running stage" not in rerun, rerun  # pulled, not re-run
+    assert _out_hashes(yaml.safe_load((clone / "dvc.lock").read_text())["stages"]) == _out_hashes(lock)
