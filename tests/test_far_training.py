@@ -266,7 +266,9 @@ def test_gate_scores_a_far_adapter_beside_a_bidirectional_one(toy_teacher_dir, t
             bi["by_nfe"][n]["fidelity"]["latent_distance"], rel=1e-4)
     d = far["drift"]["2"]
     assert d["chunk_partition"] == [5, 5] and d["frames"] == 19 and "drift" not in bi  # ≥ 2·(5 − 1) + 1 latents
-    assert 0 < d["first"]["total"] <= 1 and 0 < d["last"]["total"] <= 1 and d["seconds_per_chunk"] > 0
+    assert 0 < d["first"]["total"] <= 1 and 0 < d["last"]["total"] <= 1
+    # its timing is in the metrics only: report.json is a DVC output, the same bytes on every run
+    assert "seconds_per_chunk" not in d and metrics["drift"]["candidate"]["2"]["seconds_per_chunk"] > 0
     assert d["delta_total"] == pytest.approx(d["last"]["total"] - d["first"]["total"])
     m = metrics["drift"]["candidate"]["2"]
     assert m["delta"] == pytest.approx(d["delta_total"])

@@ -90,12 +90,14 @@ def test_ode_schedule_and_exact_velocity():
 def test_wan_profile_missing_dir_is_clear_error(tmp_path):
     from anyflow.stages.teacher import verify_local
 
-    cfg = build({"model": {"source": "local", "pretrained_dir": str(tmp_path / "nope")}})
+    cfg = build({"model": {"source": "local", "pretrained_dir": str(tmp_path / "nope")},
+                 "data": {"prompts_file": "vbench"}})  # a local source needs a prompt source too (as the wan profiles)
     with pytest.raises(FileNotFoundError, match="model.pretrained_dir .*nope"):
         verify_local(cfg)
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model_index.json").write_text("{}")
-    cfg = build({"model": {"source": "local", "pretrained_dir": str(tmp_path / "half")}})
+    cfg = build({"model": {"source": "local", "pretrained_dir": str(tmp_path / "half")},
+                 "data": {"prompts_file": "vbench"}})
     with pytest.raises(FileNotFoundError, match="missing transformer"):
         verify_local(cfg)
     with pytest.raises(FileNotFoundError, match="nope"):
