@@ -12,15 +12,20 @@ stop-gradient of the right-hand side evaluated with itself:
   global batch get r = t (plain flow matching), the next ``split[1]`` r = 0, the rest keep (t, r); both shifted.
   ``paradigm: consistency`` (the baseline) uses r ≡ 0 for every sample.
 * :func:`time_weight` — λ(t): ``beta08`` = Beta(2, 1.5) density ``t·(1 − t)^0.5 / B(2, 1.5)``, ``uniform`` = 1,
-  ``gaussian`` = Normal(0.5, 0.25) density — evaluated at the unshifted draw s (the paper's Fig. 6 reweights the
-  density p(s) = 2s of max(U, U)).
+  ``gaussian`` = Normal(0.5, 0.25) density — evaluated at the *shifted* t, as the reference looks beta08 up on its
+  shifted timestep grid (``scheduling_flowmap_euler_discrete.py:50-53, 60-63, 89-92``: ``get_train_weight(t)``
+  with t = 1000·shift(s), ``trainer_wan_anyflow_pretrain.py:280, 311``), so λ peaks at t = 2/3 (at the
+  unshifted draw it peaked at t = shift(2/3) ≈ 0.91 for shift 5). The reference normalises its grid weights to
+  mean 1 over the shifted grid (÷ 0.2734 at shift 5); the density normalisation here (÷ B(2, 1.5) = 0.2667) is
+  shift-independent and 2.5 % larger.
 * :func:`total_derivative` — dF/dt by central difference ``[u(z + εv, t + ε) − u(z − εv, t − ε)] / 2ε``
   (reference, ε = 0.005 on the [0, 1] scale) or exactly by forward-mode AD (``torch.func.jvp``).
 * :func:`fuse_guidance` — the prediction compared to the target is ``(u_c − (1 − w)·sg(u_∅)) / w``: the student's
   conditional output learns the CFG-guided flow map (one call per step at inference); dF/dt is that of u_c divided
   by w, as the reference does. Samples whose text was dropped (to the negative embedding) use w = 1.
-* :func:`adaptive_weights` — every r ≠ t sample is rescaled by ``sg(μ_{r=t} / (ℓ_i + c))`` with μ the mean loss
-  of the r = t samples (all-reduced across ranks under DDP).
+* :func:`adaptive_weights` — applied to the λ-weighted per-sample loss ``L_i = λ_i·ℓ_i``: every r ≠ t sample's
+  ``L_i`` is rescaled by ``sg(μ_λ / (L_i + c))`` with μ_λ the mean λ-weighted loss of the r = t samples
+  (all-reduced across ranks under DDP), as the reference (``trainer_wan_anyflow_pretrain.py:310-320``).
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ def split_kinds(global_index: torch.Tensor, global_batch: int, split: Sequence[f
 class Times:
     t: torch.Tensor  # shifted, (B,) or per chunk (B, K)
     r: torch.Tensor  # shifted, like t, r ≤ t
-    s: torch.Tensor  # unshifted draw of t (weights are evaluated here), like t
+    s: torch.Tensor  # unshifted draw of t, like t (λ is evaluated at the shifted t)
     kind: torch.Tensor  # (B,) KIND_*
 
 
@@ -135,8 +140,9 @@ def fuse_guidance(u_cond: torch.Tensor, u_uncond: torch.Tensor, w: torch.Tensor 
 
 
 def adaptive_weights(per_sample: torch.Tensor, kind: torch.Tensor, c: float) -> torch.Tensor:
-    """sg(μ_{r=t} / (ℓ_i + c)) for r ≠ t samples, 1 for r = t samples (and for all when no r = t sample exists
-    anywhere in the global batch)."""
+    """sg(μ_{r=t} / (L_i + c)) for r ≠ t samples, 1 for r = t samples (and for all when no r = t sample exists
+    anywhere in the global batch). ``per_sample`` is the λ-weighted loss L_i = λ_i·ℓ_i, so μ is the mean λ-weighted
+    loss of the r = t samples (reference ``trainer_wan_anyflow_pretrain.py:314-319``)."""
     per_sample = per_sample.detach()
     diff = kind == KIND_DIFFUSION
     stats = torch.stack([per_sample[diff].sum(), diff.sum().to(per_sample.dtype)])
@@ -203,9 +209,9 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     own (t, r) — t, r are (B, K), z_t is built per chunk, and dF/dt is taken along (v, 1 on every chunk's t), which
     is each chunk's own derivative when chunk k's output depends on no other chunk's (z, t) (teacher forcing).
     ``clean`` (B, ...) is passed with the rows of every call as a fifth argument ``u(z, t, r, text, clean)`` (FAR:
-    the clean context x0 of teacher forcing). Weights: λ per chunk (at the chunk's own unshifted draw — it reweights
-    the density of that draw), the adaptive weight per sample (on the sample's MSE over all frames, μ over r = t
-    samples) as in the bidirectional objective, to which this reduces exactly when all chunks share (t, r) (tested).
+    the clean context x0 of teacher forcing). Weights: λ per chunk (at the chunk's own shifted t), the adaptive
+    weight per sample on the sample's λ-weighted loss ``Σ_k frac_k·λ_k·ℓ_k`` (μ_λ over r = t samples) as in the
+    bidirectional objective, to which this reduces exactly when all chunks share (t, r) (tested).
     ``parts['per_chunk']`` (B, K): each chunk's MSE (detached)."""
     b = x0.shape[0]
     u_ng = u_nograd or u
@@ -258,17 +264,18 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     parts = {}
     if chunks is None:
         per_sample = (pred - target.detach()).pow(2).flatten(1).mean(1)
-        lam = time_weight(times.s, s1.weighting).to(x0.dtype)
-        adapt = adaptive_weights(per_sample, times.kind, s1.adaptive_c)
-        loss = (lam * adapt * per_sample).mean()
+        # reference trainer_wan_anyflow_pretrain.py:310-320: λ at the shifted t, then the adaptive weight on the
+        # λ-weighted loss: loss_i ← loss_i·sg(mean_{r=t} loss / (loss_i + 1e-5)) for r ≠ t
+        weighted = time_weight(times.t, s1.weighting).to(x0.dtype) * per_sample
+        loss = (adaptive_weights(weighted, times.kind, s1.adaptive_c) * weighted).mean()
     else:
         per_frame = (pred - target.detach()).pow(2).transpose(1, 2).flatten(2).mean(2)  # (B, F)
         per_chunk = torch.stack([c.mean(1) for c in per_frame.split(list(chunks), dim=1)], 1)  # (B, K)
         frac = torch.tensor([c / x0.shape[2] for c in chunks], dtype=x0.dtype)
         per_sample = (per_chunk * frac).sum(1)
-        lam = time_weight(times.s, s1.weighting).to(x0.dtype)  # (B, K)
-        adapt = adaptive_weights(per_sample, times.kind, s1.adaptive_c)
-        loss = (adapt * (lam * per_chunk * frac).sum(1)).mean()
+        lam = time_weight(times.t, s1.weighting).to(x0.dtype)  # (B, K), at each chunk's shifted t
+        weighted = (lam * per_chunk * frac).sum(1)  # the sample's λ-weighted loss (the bidirectional one if all
+        loss = (adaptive_weights(weighted, times.kind, s1.adaptive_c) * weighted).mean()  # chunks share (t, r))
         parts["per_chunk"] = per_chunk.detach()
     parts = {"loss": float(loss.detach()), **parts}
     for kd, name in ((KIND_DIFFUSION, "mse_r_eq_t"), (KIND_CONSISTENCY, "mse_r_eq_0"), (KIND_FREE, "mse_free")):
