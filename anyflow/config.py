@@ -162,6 +162,9 @@ class Optim:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    # EMA decay 0 (the shadow = the weights) for the first this-many updates, as the reference's ShardEMA
+    # (far/utils/ema_util.py:71-75; 1000 of 6000 stage-1 steps, 200 of 1200 stage-2 steps)
+    ema_warmup_steps: int = 0
 
 
 @section
@@ -176,7 +179,9 @@ class Stage1:
     weighting: Literal["beta08", "uniform", "gaussian"] = "beta08"
     derivative: Literal["central", "jvp"] = "central"
     fd_eps: float = 0.005  # central difference step on the [0, 1] scale (5 on the 1000 scale)
-    guidance_scale: float = 3.0  # fused into the student
+    # w of the guidance fused into the student, in the project's one convention u + w·(c − u) (w = 1: none);
+    # the reference's fuse_guidance_scale 3.0 (trainer_wan_anyflow_pretrain.py:297-302)
+    guidance_scale: float = 3.0
     # the velocity v in the targets: "data" = ε − x0 (the conditional velocity of the sample, MeanFlow), "teacher"
     # = the frozen teacher's instantaneous velocity at (z_t, t, text) — its expectation, so the same target without
     # the sampling noise (one more no-grad forward per step). Domain training always uses "data".
@@ -199,10 +204,12 @@ class Stage2:
     optim: Optim = Optim(lr=2e-4, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99)
     fake_optim: Optim = Optim(lr=2e-4, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.0)
     num_steps_choices: tuple[int, ...] = (2, 4, 8, 16, 50)
+    # w of the real score's CFG u + w·(c − u), by default stage1.guidance_scale (the scale the student fuses, and the
+    # one the gate compares against); another only where a measurement shows it helps. The reference's
+    # real_guidance_scale 3 means c + 3·(c − u), i.e. w = 4 here (trainer_wan_anyflow_onpolicy.py:130-132)
     real_guidance_scale: float = 3.0
     renoise_min: float = 0.02
     renoise_max: float = 0.98
-    fake_logit_normal: tuple[float, float] = (0.0, 1.0)
     stage1_weight: float = 1.0
     fake_steps_per_generator_step: int = 1
     ckpt_every: int = 50
@@ -363,6 +370,8 @@ def validate(cfg: Config) -> None:
         (abs(sum(cfg.stage1.time_split) - 1.0) < 1e-6, "stage1.time_split: must sum to 1"),
         (0 <= cfg.stage1.text_dropout < 1, "stage1.text_dropout: must be in [0, 1)"),
         (cfg.stage1.guidance_scale >= 1, "stage1.guidance_scale: must be >= 1"),
+        (cfg.stage2.real_guidance_scale >= 1, "stage2.real_guidance_scale: must be >= 1 (u + w·(c − u); w = 1 is "
+         "the conditional score, no guidance)"),
         (cfg.stage1.fd_eps > 0, "stage1.fd_eps: must be > 0"),
         (0 <= cfg.student.gate_value <= 1, "student.gate_value: must be in [0, 1]"),
         (cfg.student.lora_rank > 0, "student.lora_rank: must be > 0"),
@@ -393,6 +402,8 @@ def validate(cfg: Config) -> None:
             o = getattr(getattr(cfg, key), field)
             if o.lr <= 0:
                 raise ConfigError(f"{key}.{field}.lr: must be > 0")
+            if o.ema_warmup_steps < 0:
+                raise ConfigError(f"{key}.{field}.ema_warmup_steps: must be >= 0")
 
 
 def load(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None,

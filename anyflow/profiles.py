@@ -15,21 +15,37 @@ from anyflow.config import (Config, Data, Domain, Gate, Model, Optim, Stage1, St
                             Video)
 
 
+# One guidance w per profile, written u + w·(c − u): stage 1 fuses it, stage 2's real score uses it (DESIGN §3: by
+# default the same w; another only where a measurement shows it helps) and the gate's teacher reference samples at
+# it — the scale the student is meant to reproduce (tests/test_guidance_convention.py ties them together).
+TOY_GUIDANCE = 5.0
+# the reference fuses w = 3 (fuse_guidance_scale, trainer_wan_anyflow_pretrain.py:297-302); its real score
+# c + 3·(c − u) is w = 4 (trainer_wan_anyflow_onpolicy.py:130-132) — one more than it fuses, not measured against
+# w = 3, so the real score here takes the fused w
+WAN_GUIDANCE = 3.0
+
+
 def toy() -> Config:
-    """Guidance lives in the student, not in its data: the teacher synthesises WITHOUT CFG, stage 1 fuses w = 5
-    (the gate's teacher scale) and stage 2's real score uses CFG 5. Measured on the toy gate (48 held-out samples,
-    teacher 50×2 at CFG 5: Total 0.834): data at CFG 5 with fused w = 1 / 2 / 3 gave Total@4 0.826 / 0.809 / 0.807
-    and dropped again beyond 8 NFE (guidance applied twice, or not at all, on the r = t field); unguided data with
-    w = 5 gave 0.832 / 0.850 / 0.853 / 0.847 / 0.845 at NFE 2…32 — the only recipe that passed the gate.
-    Stage 2 runs 300 steps: at 150 Total fell 0.011 from 8 to 16 NFE (over the 0.01 tolerance), at 300 by 0.010
-    (0.848 / 0.843 / 0.833 / 0.831 at 4…32); 600 stage-1 steps instead made it worse (0.837 → 0.820)."""
+    """Guidance lives in the student, not in its data: the teacher synthesises WITHOUT CFG, stage 1 fuses w = 5 (the
+    gate's teacher scale) and stage 2's real score uses the same w = 5 — every scale written ``u + w·(c − u)`` ([I]:
+    until then the real score was ``c + 5·(c − u)``, i.e. w = 6, in the runs measured below). Measured on the toy
+    gate (48 held-out samples, teacher 50×2 at CFG 5: Total 0.834): data at CFG 5 with fused w = 1 / 2 / 3 gave
+    Total@4 0.826 / 0.809 / 0.807 and dropped again beyond 8 NFE (guidance applied twice, or not at all, on the r =
+    t field); unguided data with w = 5 gave 0.832 / 0.850 / 0.853 / 0.847 / 0.845 at NFE 2…32 — the only recipe that
+    passed the gate. Stage 2 runs 300 steps: at 150 Total fell 0.011 from 8 to 16 NFE (over the 0.01 tolerance), at
+    300 by 0.010 (0.848 / 0.843 / 0.833 / 0.831 at 4…32); 600 stage-1 steps instead made it worse (0.837 → 0.820)."""
     # stage1.time_split: half the batch on r = 0 jumps (the paper's 50/25/25 puts half on r = t). With 25 % r = 0 the
     # toy student's 1-step sample was further from the teacher's ODE solution than the untrained student's (paired
     # latent MSE 0.665 vs 0.661, better at N >= 2); with 50 % it is closer at every N (0.621 vs 0.661 at N = 1).
     # The wan profiles keep the paper's split.
+    # EMA warm-up (decay 0 for the first updates, as the reference): stage 1 for its lr warm-up (the reference's
+    # ema_warmup_step = warmup_iter = 1000), stage 2 for 1/6 of its steps (the reference's 200 of 1200)
+    w = TOY_GUIDANCE
     return Config(profile="toy", synthesize=Synthesize(guidance_scale=1.0),
-                  stage1=Stage1(guidance_scale=5.0, time_split=(0.25, 0.5, 0.25)),
-                  stage2=Stage2(real_guidance_scale=5.0, max_steps=300),
+                  stage1=Stage1(guidance_scale=w, time_split=(0.25, 0.5, 0.25), optim=Optim(ema_warmup_steps=20)),
+                  stage2=Stage2(real_guidance_scale=w, max_steps=300,
+                                optim=replace(Stage2().optim, ema_warmup_steps=50)),
+                  gate=Gate(teacher_guidance_scale=w),
                   # domain: 200 steps at 5e-4 left the driving samples shapes-world (no lane markings, road scene 0 at
                   # 4 NFE, semantic@4 = the base's: the domain gate failed); 600 at 1e-3 draws the road (scene 0.58)
                   # and keeps every forgetting/monotone criterion (metrics/domain.json)
@@ -38,6 +54,7 @@ def toy() -> Config:
 
 def _wan(name: str, pretrained_dir: str, stage1_steps: int, stage1_batch: int) -> Config:
     base = toy()
+    w = WAN_GUIDANCE
     return replace(
         base,
         profile=name,
@@ -53,14 +70,15 @@ def _wan(name: str, pretrained_dir: str, stage1_steps: int, stage1_batch: int) -
         # FAR (student.architecture: far): 81 frames = 21 latent frames (Wan VAE stride 4) as the released
         # AnyFlow-FAR checkpoints split them (diffusers' default): one frame, six chunks of three, then two
         student=Student(lora_rank=256, lora_alpha=256.0, chunk_partition=(1, 3, 3, 3, 3, 3, 3, 2), full_chunk_limit=3),
-        stage1=Stage1(max_steps=stage1_steps, batch_size=stage1_batch, time_split=(0.5, 0.25, 0.25),
-                      optim=Optim(lr=5e-5, betas=(0.9, 0.95), warmup_steps=100, grad_clip=1.0, ema_decay=0.999),
+        stage1=Stage1(max_steps=stage1_steps, batch_size=stage1_batch, time_split=(0.5, 0.25, 0.25), guidance_scale=w,
+                      optim=Optim(lr=5e-5, betas=(0.9, 0.95), warmup_steps=100, grad_clip=1.0, ema_decay=0.999,
+                                  ema_warmup_steps=1000),
                       mixed_precision="bf16", gradient_checkpointing=True, ckpt_every=500, log_every=10),
-        stage2=Stage2(max_steps=1200, batch_size=stage1_batch,
-                      optim=Optim(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99),
+        stage2=Stage2(max_steps=1200, batch_size=stage1_batch, real_guidance_scale=w,
+                      optim=Optim(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99, ema_warmup_steps=200),
                       fake_optim=Optim(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.0),
                       ckpt_every=100),
-        gate=Gate(teacher_guidance_scale=5.0, num_prompts=946, use_vbench=True),
+        gate=Gate(teacher_guidance_scale=w, num_prompts=946, use_vbench=True),
         domain=Domain(),  # not the toy recipe (lr 1e-3 is a toy-LoRA rate)
     )
 

@@ -107,13 +107,13 @@ def test_far_dmd_term_is_dmd_of_generation_against_the_wan_teacher(teacher):
         gr = dmd_gradient(x_hat, x0_from_velocity(z, t_prime, real), x0_from_velocity(z, t_prime, fake))
     assert parts["num_steps"] == 2 and float(gr.abs().mean()) > 1e-2
     assert parts["dmd_grad"] == pytest.approx(float(gr.abs().mean()), rel=1e-4)
-    assert loss.item() == pytest.approx(0.5 * float(gr.pow(2).mean()), rel=1e-4)  # ½·MSE(x̂, x̂ − g) = ½·mean g²
+    assert loss.item() == pytest.approx(float(gr.pow(2).mean()), rel=1e-4)  # MSE(x̂, x̂ − g) = mean g² (reference)
 
 
 def test_dmd_vanishes_when_fake_equals_real(teacher):
-    """fake_score at peft's identity init is the teacher; with no guidance (s = 0) real = fake, so the DMD
+    """fake_score at peft's identity init is the teacher; with no guidance (w = 1) real = fake, so the DMD
     gradient g = (x̂0_fake − x̂0_real)/… is zero: no loss, no student gradient. A trained (random) fake is not."""
-    cfg = replace(CFG, stage2=replace(CFG.stage2, real_guidance_scale=0.0, stage1_weight=0.0))
+    cfg = replace(CFG, stage2=replace(CFG.stage2, real_guidance_scale=1.0, stage1_weight=0.0))
     for fake_random in (False, True):
         scores, far = build(teacher, fake_random=fake_random)
         g = torch.Generator().manual_seed(3)

@@ -5,14 +5,18 @@ a velocity prediction converts to a clean-sample prediction by ``x̂0 = z_t − 
 
 Generator step, for a student rollout x̂ (from :mod:`anyflow.objectives.simulation`):
 
-1. re-noise ``z_t' = (1 − t')·x̂ + t'·ε`` with ``t' = clamp(shift(U(0, 1)), t_min, t_max)``;
-2. real score: the frozen teacher with classifier-free guidance ``v_real = v_c + s·(v_c − v_u)``;
-   fake score: the ``fake_score`` adapter (tracks the student's distribution);
+1. re-noise ``z_t' = (1 − t')·x̂ + t'·ε`` with ``t' = clamp(shift(U(0, 1)), t_min, t_max)`` (:func:`dmd_time`;
+   reference ``trainer_wan_anyflow_onpolicy.py:181-183``);
+2. real score: the frozen teacher with classifier-free guidance in the one convention of the project,
+   ``v_real = v_u + w·(v_c − v_u)`` (:func:`guided_velocity`; the same form as stage 1's fusion and the teacher
+   sampler); fake score: the ``fake_score`` adapter (tracks the student's distribution);
 3. DMD gradient ``g = (x̂0_fake − x̂0_real) / mean|x̂ − x̂0_real|`` (per sample, no grad);
-4. loss ``½·MSE(x̂, sg(x̂ − g))`` — its gradient w.r.t. x̂ is ``g / numel``, i.e. descent moves x̂ towards the
-   real score and away from the fake one: ∇θ L = −E[(s_real − s_fake)·∂x̂/∂θ].
+4. loss ``MSE(x̂, sg(x̂ − g))`` — plain MSE as the reference (``trainer_wan_anyflow_onpolicy.py:193``), gradient
+   w.r.t. x̂ ``2·g / numel``: descent moves x̂ towards the real score and away from the fake one.
 
-Fake-score step: plain flow matching ``‖u_fake(z_t, t, t) − (ε − x̂)‖²`` on detached rollouts at logit-normal t.
+Fake-score step: plain flow matching ``‖u_fake(z_t, t, t) − (ε − x̂)‖²`` on detached rollouts at times from the
+same :func:`dmd_time` the generator step queries it at — a fake score never trained where it is asked is the
+unguided teacher there, and DMD then pushes the bare CFG direction.
 All functions are pure: the scores come in as velocity callables ``v(z, t)`` with t of shape (B,).
 """
 
@@ -33,16 +37,19 @@ def _bcast(t_B: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return t_B.reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype)
 
 
-def renoise_time(batch_size: int, shift: float, t_min: float, t_max: float,
-                 generator: torch.Generator) -> torch.Tensor:
-    """``t' = clamp(shift(U(0, 1)), t_min, t_max)``, shape (B,)."""
+def dmd_time(batch_size: int, shift: float, t_min: float, t_max: float,
+             generator: torch.Generator) -> torch.Tensor:
+    """``t = clamp(shift(U(0, 1)), t_min, t_max)``, shape (B,): the times the DMD step queries both scores at AND
+    the times the fake score trains at (one distribution for both, DESIGN §3 "Stage 2").
+
+    The query is the reference's (``trainer_wan_anyflow_onpolicy.py:181-183``: ``apply_shift(rand)``, clamped).
+    The reference trains its fake score at ``shift(sigmoid(N(0, 1)))`` (``:236-239``) — shifted too, but another
+    law (P(t > 0.8) 0.59 against the query's 0.56 at shift 5); here both draw from this one function."""
     u = torch.rand(batch_size, generator=generator)
     return time_shift(u, shift).clamp(t_min, t_max)
 
 
-def logit_normal_time(batch_size: int, mean: float, std: float, generator: torch.Generator) -> torch.Tensor:
-    """``t = sigmoid(N(mean, std²))``, shape (B,) — the fake-score training times."""
-    return torch.sigmoid(mean + std * torch.randn(batch_size, generator=generator))
+renoise_time = dmd_time  # the generator step's name for it
 
 
 def noise_to(x0: torch.Tensor, eps: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
@@ -57,8 +64,11 @@ def x0_from_velocity(z_t: torch.Tensor, t_B: torch.Tensor, v: torch.Tensor) -> t
 
 
 def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance in the reference's form ``v_c + s·(v_c − v_u)``."""
-    return v_cond + scale * (v_cond - v_uncond)
+    """Classifier-free guidance ``v_u + w·(v_c − v_u)`` (w = 1: the conditional velocity, no guidance) — the one
+    convention of the project: stage 1 fuses the same form (:func:`anyflow.objectives.flowmap.fuse_guidance`), the
+    teacher samples with it (:func:`anyflow.models.teacher.teacher_ode_sample`). The reference writes the real
+    score as ``c + s·(c − u)`` (``trainer_wan_anyflow_onpolicy.py:130-132``), i.e. w = 1 + s."""
+    return v_uncond + scale * (v_cond - v_uncond)
 
 
 def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
@@ -70,8 +80,9 @@ def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tens
 
 
 def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """``½·MSE(x̂, sg(x̂ − g))``; ∂L/∂x̂ = g / numel."""
-    return 0.5 * F.mse_loss(x_hat.float(), (x_hat - grad).detach().float(), reduction="mean")
+    """``MSE(x̂, sg(x̂ − g))`` = mean g²; ∂L/∂x̂ = 2·g / numel. Plain MSE as the reference
+    (``trainer_wan_anyflow_onpolicy.py:193``): ``½·MSE`` would halve DMD against the co-trained stage-1 term."""
+    return F.mse_loss(x_hat.float(), (x_hat - grad).detach().float(), reduction="mean")
 
 
 @dataclass
@@ -96,7 +107,8 @@ def generator_dmd_loss(x_hat: torch.Tensor, real_v: ScoreFn, fake_v: ScoreFn, t_
 
 
 def fake_score_loss(fake_v: ScoreFn, x0: torch.Tensor, eps: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
-    """Flow matching on (detached) student samples: ``mean ‖v_fake(z_t, t) − (ε − x0)‖²``."""
+    """Flow matching on (detached) student samples: ``mean ‖v_fake(z_t, t) − (ε − x0)‖²``; ``t_B`` from
+    :func:`dmd_time` (reference ``trainer_wan_anyflow_onpolicy.py:243-250``)."""
     x0 = x0.detach()
     z = noise_to(x0, eps, t_B)
     return F.mse_loss(fake_v(z, t_B).float(), (eps - x0).float())

@@ -6,7 +6,10 @@ Reads ``artifacts/teacher`` (the Wan teacher), ``artifacts/data`` (teacher laten
 the DVC outs) so a killed run resumes exactly where it stopped.
 
 Evaluation (``metrics/stage2.json: eval``): stage-1 vs stage-2 EMA students sampled at N ∈ {1, 2, 4, 8, 16} from
-the shards' own noises and prompts, compared with the teacher's ODE samples of the same noises by
+the shards' own noises and prompts, compared with the teacher's ODE samples of the same noises at the guidance the
+student is meant to reproduce — ``stage1.guidance_scale``, the w it fuses (``u + w·(c − u)``; by default also the
+real score's ``stage2.real_guidance_scale`` and the gate's ``gate.teacher_guidance_scale``), named in the metrics as
+``reference_guidance_scale`` — by
 
 * ``latent_fd`` — Fréchet distance between Gaussian fits of per-sample latent statistics (per-channel mean, std
   and mean |frame difference|; 3·C features) of the student samples and of all teacher shard latents;
@@ -275,7 +278,8 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
 
     t_eval = time.perf_counter()
     m = min(eval_samples, data.latents.shape[0])
-    reference = eval_reference(cfg, teacher, data, negative, m, cfg.stage2.real_guidance_scale)
+    w_ref = cfg.stage1.guidance_scale  # the scale the student reproduces (fused in stage 1, pulled to in stage 2)
+    reference = eval_reference(cfg, teacher, data, negative, m, w_ref)
     evaluation = evaluate(student, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
                           cfg.model.flow_shift, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
@@ -294,8 +298,12 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
         "memory": memory,
         "teacher_identity_max_abs_error": teacher_err,
         "eval": evaluation,
-        "eval_metrics_note": "reference: the teacher's 50-step samples of the same noises at CFG "
-                             f"{cfg.stage2.real_guidance_scale:g} (the real score's guidance). latent_fd: Fréchet "
+        "reference_guidance_scale": w_ref,
+        "real_guidance_scale": cfg.stage2.real_guidance_scale,
+        "eval_metrics_note": "reference: the teacher's 50-step samples of the same noises at CFG u + w·(c − u), "
+                             f"w = {w_ref:g} (stage1.guidance_scale: the guidance fused into the student, which it "
+                             "is meant to reproduce; the real score's w = "
+                             f"{cfg.stage2.real_guidance_scale:g}). latent_fd: Fréchet "
                              "distance of per-sample latent statistics; channel_fd: of per-position channel vectors; "
                              "paired_mse: vs the teacher sample from the same noise. Lower is better."
                              + (" FAR: N steps per chunk, chunk by chunk with the KV cache (far_generate); real "

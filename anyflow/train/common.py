@@ -26,22 +26,42 @@ def make_optimizer(params: list[torch.nn.Parameter], o: Optim):
 
 
 class Ema:
-    """``θ_ema ← d·θ_ema + (1 − d)·θ`` over a named parameter dict (d = 0 keeps the latest weights)."""
+    """``θ_ema ← d·θ_ema + (1 − d)·θ`` over a named parameter dict (d = 0 keeps the latest weights).
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+    Warm-up as the reference's ``ShardEMA`` (``far/utils/ema_util.py:71-83``, called from ``far/main.py:171-172``
+    with the 0-based count of finished steps): the first ``warmup_steps`` updates use d = 0 — the shadow *is* the
+    current weights — and only later updates average, so the EMA never carries the untrained start."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, warmup_steps: int = 0):
+        if warmup_steps < 0:
+            raise ValueError(f"ema_warmup_steps: must be >= 0 (got {warmup_steps})")
         self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.updates = 0  # updates done so far (the reference's global_step at the call)
         self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses (``ema_util.py:71-75``: 0 while step < warmup_steps)."""
+        return self.decay if self.updates >= self.warmup_steps else 0.0
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        d = self.current_decay()
         for n, p in params.items():
-            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+            self.shadow[n].mul_(d).add_(p.detach(), alpha=1 - d)
+        self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+        return {"decay": self.decay, "warmup_steps": self.warmup_steps, "updates": self.updates,
+                "shadow": self.shadow}
 
     def load_state_dict(self, sd: dict) -> None:
+        if "updates" not in sd:
+            raise ValueError("checkpoint: EMA state has no update count (written before the EMA warm-up); delete "
+                             "it or run the stage with --fresh")
         self.decay = sd["decay"]
+        self.warmup_steps = sd["warmup_steps"]
+        self.updates = sd["updates"]
         self.shadow = {n: v.clone() for n, v in sd["shadow"].items()}
 
 

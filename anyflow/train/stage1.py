@@ -101,7 +101,7 @@ class FlowMapTrainer:
         self.run_key = (run_key(cfg, self.params, data_fn, optim, seed, self.global_batch, self.velocity_target,
                                 adapter, desc) if self.ckpt_dir else None)
         self.opt, self.sched = make_optimizer(list(self.params.values()), optim)
-        self.ema = Ema(self.params, optim.ema_decay)
+        self.ema = Ema(self.params, optim.ema_decay, optim.ema_warmup_steps)
         self.model = self.acc.prepare(model) if world > 1 else model.to(self.acc.device)
         self.negative = negative.to(self.acc.device)
         self.state = TrainState()

@@ -18,10 +18,12 @@ the paper. The losses and the trainer below are the same for both.
 Generator and fake-score steps alternate 1:1 (``stage2.fake_steps_per_generator_step``):
 
 * generator: N ~ choices, k ~ U[0, N); ``x̂ = f(f(f(ε, τ0, τk), τk, τk+1), τk+1, 0)`` with the student (grad through
-  all three jumps); DMD loss of x̂ re-noised at ``t' = clamp(shift(U))`` with real = teacher + CFG (s =
-  ``stage2.real_guidance_scale``, negative = empty-prompt embedding), fake = ``fake_score``; plus
-  ``stage2.stage1_weight`` × the full stage-1 loss on a batch of teacher latents. Only ``student`` is updated.
-* fake score: a detached student rollout, flow matching at logit-normal t. Only ``fake_score`` is updated.
+  all three jumps); DMD loss (plain MSE) of x̂ re-noised at ``t' = clamp(shift(U))`` with real = teacher + CFG
+  ``u + w·(c − u)`` (w = ``stage2.real_guidance_scale``, by default stage 1's fused w; negative = empty-prompt
+  embedding), fake = ``fake_score``; plus ``stage2.stage1_weight`` × the full stage-1 loss on a batch of teacher
+  latents. Only ``student`` is updated.
+* fake score: a detached student rollout, flow matching at t from the same distribution the DMD step queries it at
+  (:func:`~anyflow.objectives.dmd.dmd_time`). Only ``fake_score`` is updated.
 
 Conventions (DESIGN §2): t ∈ [0, 1], t = 1 noise, ``z_t = (1 − t)·x0 + t·ε``, ``v = ε − x0``,
 flow-map step ``z_r = z_t − (t − r)·u``; latents are in Wan layout (B, C, F, H, W) here.
@@ -39,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from anyflow.config import Config
-from anyflow.objectives.dmd import fake_score_loss, generator_dmd_loss, guided_velocity, logit_normal_time, renoise_time
+from anyflow.objectives.dmd import dmd_time, fake_score_loss, generator_dmd_loss, guided_velocity
 from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
 from anyflow.train.common import Ema, check_run_key, load_checkpoint, make_optimizer, run_key, save_checkpoint
 from anyflow.train.common import write_loss_csv as _write_csv
@@ -93,7 +95,7 @@ def score(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable:
 
 
 def teacher_cfg_score(model, cond: torch.Tensor, uncond: torch.Tensor, scale: float, trainable: Optional[str]):
-    """Real score: frozen teacher with CFG ``v_c + s·(v_c − v_u)`` (one batched call over [cond; uncond])."""
+    """Real score: frozen teacher with CFG ``v_u + w·(v_c − v_u)`` (one batched call over [cond; uncond])."""
     u = velocity(model, TEACHER, torch.cat([cond, uncond]), trainable)
 
     def v(z, t):
@@ -158,7 +160,7 @@ def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator:
     n, k = draw_rollout(s2.num_steps_choices, generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     x_hat = rollout.simulate(noise, cond, n, k, STUDENT)
-    t_prime = renoise_time(b, cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
+    t_prime = dmd_time(b, cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     real = teacher_cfg_score(model, cond, negative.expand(b, -1, -1), s2.real_guidance_scale, STUDENT)
     fake = score(model, FAKE, cond, STUDENT)
@@ -175,7 +177,8 @@ def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator:
 
 def fake_loss(model, cfg: Config, batch, generator: torch.Generator,
               rollout: Optional[Rollout] = None) -> tuple[torch.Tensor, dict]:
-    """Flow matching of ``fake_score`` (on ``model``) on a detached student rollout at logit-normal t."""
+    """Flow matching of ``fake_score`` (on ``model``) on a detached student rollout at t drawn by
+    :func:`~anyflow.objectives.dmd.dmd_time` — the distribution :func:`generator_loss` queries it at."""
     s2 = cfg.stage2
     rollout = rollout or bidirectional_rollout(model, cfg.model.flow_shift)
     x0 = batch.latents
@@ -184,8 +187,7 @@ def fake_loss(model, cfg: Config, batch, generator: torch.Generator,
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     with torch.no_grad():
         x_hat = rollout.simulate(noise, cond, n, k, FAKE)
-    mean, std = s2.fake_logit_normal
-    t = logit_normal_time(x0.shape[0], mean, std, generator)
+    t = dmd_time(x0.shape[0], cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     loss = fake_score_loss(score(model, FAKE, cond, FAKE), x_hat, eps, t)
     return loss, {"fake": float(loss.detach())}
@@ -219,7 +221,7 @@ class Stage2Trainer:
                              f"{len(self.student)} / {len(self.fake)} parameters)")
         self.opt, self.sched = make_optimizer(list(self.student.values()), s2.optim)
         self.fake_opt, self.fake_sched = make_optimizer(list(self.fake.values()), s2.fake_optim)
-        self.ema = Ema(self.student, s2.optim.ema_decay)
+        self.ema = Ema(self.student, s2.optim.ema_decay, s2.optim.ema_warmup_steps)
         self.run_key = (run_key(cfg, {**{f"student.{n}": p for n, p in self.student.items()},
                                       **{f"fake.{n}": p for n, p in self.fake.items()}}, data_fn)
                         if self.ckpt_dir else None)
