@@ -21,6 +21,15 @@ Dimensions (every score in [0, 1], higher is better; a clip is ``uint8 (F, H, W,
   foreground component, 1-px dilated) within RGB L2 distance ``BG_TOL`` of ``toy.BACKGROUND``. VBench's dimension is CLIP-feature
   similarity of the background across frames; the toy background is a constant colour, so cleanliness is the
   honest pixel analogue.
+* ``imaging quality`` slot ← our *edge sharpness* (VBench: MUSIQ, a learned image-quality model that penalises blur
+  and noise): per clip, in a band around the subject (the refined foreground mask dilated by ``EDGE_BAND`` px),
+  the ratio Σ|∇x|² / (C·Σ|∇x|) of the RGB gradient magnitude (forward differences), C the RGB distance between
+  the subject's median colour and the background — for an edge of height C spread over w pixels this is ≈ 1/w,
+  independent of the subject's size, position and contrast; score = min(1, that / the same on the procedural
+  render of the clip's spec) × the fraction of frames the subject is visible in. A procedural clip scores 1; a
+  Gaussian blur of σ = 1 px ≈ 0.33, σ = 2 px ≈ 0.22; noise in the band lowers it too (Σ|∇x| grows faster than
+  Σ|∇x|²). Weight-free; it needs the spec only for the reference render (as the semantic dimensions need it for
+  the ground truth).
 * semantic: ``color`` ← toy colour accuracy (VBench "color"); ``object class`` ← toy shape accuracy;
   ``direction`` ← toy direction accuracy (no VBench counterpart; weight 1, range [0, 1]); ``road scene`` ← the
   driving domain's lane-marking check (:mod:`anyflow.eval.driving_scorers`; VBench "scene" on an accuracy scale).
@@ -29,7 +38,7 @@ Aggregation (Vchitect/VBench ``scripts/constant.py`` + ``scripts/cal_final_score
 normalised with VBench's constants, ``n = (s − Min) / (Max − Min)`` (no clamping, as in VBench); Quality Score and
 Semantic Score are the DIM_WEIGHT-weighted means of the normalised quality / semantic dimensions present; Total =
 (QUALITY_WEIGHT·Quality + SEMANTIC_WEIGHT·Semantic) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT) = (4·Q + 1·S) / 5.
-Dimensions VBench has but we cannot compute without weights (aesthetic / imaging quality, …) are absent and the
+Dimensions VBench has but we cannot compute without weights (aesthetic quality, …) are absent and the
 weighted means run over the dimensions present.
 """
 
@@ -76,7 +85,8 @@ BG_TOL = 30.0  # RGB L2 distance to the background colour that still counts as c
 TOY_TO_VBENCH = {"temporal_flickering": "temporal flickering", "subject_consistency": "subject consistency",
                  "motion_smoothness": "motion smoothness", "dynamic_degree": "dynamic degree",
                  "background_cleanliness": "background consistency", "color": "color", "shape": "object class",
-                 "direction": "direction", "road_scene": "road scene"}
+                 "direction": "direction", "road_scene": "road scene", "imaging_quality": "imaging quality"}
+EDGE_BAND = 3  # px around the subject in which the sharpness dimension reads gradients
 
 
 # --- per-clip dimensions ---------------------------------------------------------------------------------------------
@@ -187,6 +197,59 @@ def background_cleanliness(frames: np.ndarray, tol: float = BG_TOL) -> float:
     return float((dist[bg] <= tol).mean())
 
 
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    """bool (F, H, W) dilated by ``px`` steps of the 3×3 neighbourhood (a (2px+1)² square)."""
+    m = np.asarray(mask, bool).copy()
+    for _ in range(px):
+        d = m.copy()
+        d[:, 1:] |= m[:, :-1]
+        d[:, :-1] |= m[:, 1:]
+        m = d.copy()
+        d[:, :, 1:] |= m[:, :, :-1]
+        d[:, :, :-1] |= m[:, :, 1:]
+        m = d
+    return m
+
+
+def edge_sharpness_raw(frames: np.ndarray, band: int = EDGE_BAND) -> float:
+    """Σ|∇x|² / (C·Σ|∇x|) in the band around the subject (see the module docstring), pooled over the frames in
+    which the subject is visible; 0 when it never is."""
+    x = np.asarray(frames, np.float64)
+    coarse = toy_scorers.foreground_mask(frames)
+    fine = toy_scorers.refined_mask(frames, coarse)
+    visible = fine.reshape(len(fine), -1).sum(1) >= toy_scorers.MIN_PIXELS
+    if not visible.any():
+        return 0.0
+    contrast = float(np.linalg.norm(np.median(x[coarse if coarse.any() else fine], axis=0)
+                                    - np.array(toy.BACKGROUND, np.float64)))
+    if contrast <= 0:
+        return 0.0
+    gx = np.zeros_like(x)
+    gy = np.zeros_like(x)
+    gx[:, :, :-1] = x[:, :, 1:] - x[:, :, :-1]
+    gy[:, :-1] = x[:, 1:] - x[:, :-1]
+    g = np.sqrt((gx**2 + gy**2).sum(-1))
+    region = _dilate(fine, band) & visible[:, None, None]
+    s1 = float(g[region].sum())
+    return float((g[region] ** 2).sum() / (contrast * s1)) if s1 > 0 else 0.0
+
+
+_REFERENCE_SHARPNESS: dict = {}
+
+
+def imaging_quality(frames: np.ndarray, spec: "toy.Spec") -> float:
+    """min(1, :func:`edge_sharpness_raw` / the same on ``toy.render(spec, 0)`` at the clip's geometry) × the
+    fraction of frames with a visible subject."""
+    frames = np.asarray(frames)
+    key = (spec, frames.shape[:3])
+    if key not in _REFERENCE_SHARPNESS:
+        ref, _ = toy.render(spec, 0, *frames.shape[:3])
+        _REFERENCE_SHARPNESS[key] = edge_sharpness_raw(ref)
+    fine = toy_scorers.refined_mask(frames, toy_scorers.foreground_mask(frames))
+    visible = float(np.mean(fine.reshape(len(fine), -1).sum(1) >= toy_scorers.MIN_PIXELS))
+    return min(1.0, edge_sharpness_raw(frames) / _REFERENCE_SHARPNESS[key]) * visible
+
+
 # --- over a set of videos --------------------------------------------------------------------------------------------
 def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"]) -> dict:
     """Raw toy dimension scores (means over videos) keyed by toy name, plus per-clip semantic records.
@@ -202,23 +265,27 @@ def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"]) -> d
         rec = toy_scorers.score_clip(v, s)
         rec.update(prompt=s.prompt, temporal_flickering=temporal_flickering(v), subject_consistency=
                    subject_consistency(v), motion_smoothness=motion_smoothness(v), dynamic=int(is_dynamic(v)),
-                   background_cleanliness=background_cleanliness(v))
+                   background_cleanliness=background_cleanliness(v), imaging_quality=imaging_quality(v, s))
         clips.append(rec)
     mean = lambda k: float(np.mean([c[k] for c in clips]))  # noqa: E731
     dims = {"temporal_flickering": mean("temporal_flickering"), "subject_consistency": mean("subject_consistency"),
             "motion_smoothness": mean("motion_smoothness"), "dynamic_degree": mean("dynamic"),
-            "background_cleanliness": mean("background_cleanliness"), "color": mean("color"),
+            "background_cleanliness": mean("background_cleanliness"), "imaging_quality": mean("imaging_quality"),
+            "color": mean("color"),
             "shape": mean("shape"), "direction": mean("direction")}
     return {"dimensions": dims, "clips": clips}
 
 
-def aggregate(scores: Mapping[str, float]) -> dict:
+def aggregate(scores: Mapping[str, float], drop: Sequence[str] = ()) -> dict:
     """VBench aggregation of raw dimension scores keyed by VBench names (or toy names, mapped via TOY_TO_VBENCH).
 
     n_d = (s_d − Min_d)/(Max_d − Min_d); Quality = Σ_{d∈Q} w_d n_d / Σ_{d∈Q} w_d; Semantic likewise over S;
     Total = (4·Quality + 1·Semantic)/5. Returns {"normalized", "quality", "semantic", "total"}; a group without
     any dimension present is None and then so is Total (real VBench's custom_input mode has no semantic dimension).
+    ``drop`` (toy or VBench names): dead dimensions left out of the means (the gate's rule,
+    :func:`anyflow.eval.gate.dead_dimensions`); when dropping empties a group, Total is the other group alone.
     """
+    dropped = {TOY_TO_VBENCH.get(k, k) for k in drop}
     named = {TOY_TO_VBENCH.get(k, k): float(v) for k, v in scores.items()}
     unknown = sorted(set(named) - set(NORMALIZE_DIC))
     if unknown:
@@ -232,10 +299,16 @@ def aggregate(scores: Mapping[str, float]) -> dict:
             return None
         return sum(DIM_WEIGHT[k] * norm[k] for k in present) / sum(DIM_WEIGHT[k] for k in present)
 
-    q, s = wmean(QUALITY_LIST), wmean(SEMANTIC_LIST)
+    live = [k for k in norm if k not in dropped]
+    q = wmean([k for k in QUALITY_LIST if k in live])
+    s = wmean([k for k in SEMANTIC_LIST if k in live])
     if q is None and s is None:
-        raise ValueError(f"no quality or semantic dimension among {sorted(named)}")
-    # a group with no dimension (VBench custom_input mode has no semantic ones) is None, and so is Total
-    total = None if q is None or s is None else (QUALITY_WEIGHT * q + SEMANTIC_WEIGHT * s) / (
-        QUALITY_WEIGHT + SEMANTIC_WEIGHT)
+        raise ValueError(f"no live quality or semantic dimension among {sorted(named)} (dropped {sorted(dropped)})")
+    emptied_q = q is None and any(k in norm for k in QUALITY_LIST)
+    emptied_s = s is None and any(k in norm for k in SEMANTIC_LIST)
+    if emptied_q or emptied_s:  # every dimension of a group was dropped as dead: the other group is the Total
+        total = s if emptied_q else q
+    else:  # a group with no dimension (VBench custom_input mode has no semantic ones) is None, and so is Total
+        total = None if q is None or s is None else (QUALITY_WEIGHT * q + SEMANTIC_WEIGHT * s) / (
+            QUALITY_WEIGHT + SEMANTIC_WEIGHT)
     return {"normalized": norm, "quality": q, "semantic": s, "total": total}
