@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("pull", "fetch a release from the store and verify every sha256"),
     "params": ("params", "print the effective parameters (or write a profile's params.yaml)"),
     "bench": ("bench", "benchmarks recorded as DVC metrics (simulation cost, inference latency)"),
+    "fvd-net": ("fvd_net", "train the toy FVD's feature network (distribution fidelity for the gate)"),
     "fixture": ("fixture", "write a random-weight test fixture (wan-mini: the Wan2.1-T2V-1.3B-Diffusers layout)"),
 }
 
