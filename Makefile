@@ -17,9 +17,17 @@ install: $(BIN)/anyflow
 
 # Runs the whole toy pipeline through DVC (embedded default: no GPU, no downloads).
 # The stage commands (`anyflow <stage>`) resolve through the venv's bin, first on PATH.
+# Ends with the gate's verdict, its per-NFE table (artifacts/gate/summary.md) and where the previews are — also when
+# `dvc repro` stopped (a failing gate or gate_sanity exits 1); the exit status is dvc's.
 demo: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show
+	@rc=0; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro || rc=$$?; echo; \
+	if [ $$rc -ne 0 ]; then echo "dvc repro FAILED (exit $$rc): what follows is from the last run of each stage"; fi; \
+	if [ -f metrics/gate_sanity.json ]; then $(BIN)/python -c "import json; m = json.load(open('metrics/gate_sanity.json')); \
+	print('gate sanity (metrics/gate_sanity.json):', 'PASSED' if m['passed'] else 'FAILED ' + ', '.join(m['failed']))"; fi; \
+	if [ -f artifacts/gate/summary.md ]; then echo; cat artifacts/gate/summary.md; echo; \
+	echo "Previews: $(abspath artifacts/gate/previews)/grid.{gif,mp4,png} (columns: $$(cat artifacts/gate/previews/columns.txt))"; \
+	else echo "no gate summary (artifacts/gate/summary.md): the pipeline stopped before the gate"; fi; \
+	exit $$rc
 
 test: install
 	$(BIN)/pytest -q -ra

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage1": ("stage1", "forward flow-map training of the any-step student"),
     "stage2": ("stage2", "on-policy flow-map distillation (backward simulation + DMD)"),
     "gate": ("gate", "quality across step budgets; exits non-zero when the gate fails"),
+    "gate-sanity": ("gate_sanity", "the gate's scorers must rank known-better videos higher; exits 1 if not"),
     "export": ("export", "merge LoRA, save diffusers dir, export ONNX, write the release manifest"),
     "generate": ("generate", "any-step generation from an exported release (torch/onnxruntime/tensorrt)"),
     "domain": ("domain", "continued training of the distilled student on a new domain"),

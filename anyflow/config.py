@@ -221,9 +221,35 @@ class GatePolicy:
     total_tolerance: float = 0.02  # Total@4 ≥ teacher Total − tolerance (scores are in [0, 1])
     monotone_tolerance: float = 0.01  # Total(NFE_{i+1}) ≥ Total(NFE_i) − tolerance
     monotone_from_nfe: int = 2
-    semantic_floors: Mapping[str, float] = dataclasses.field(
+    semantic_floors: Mapping[str, float] = dataclasses.field(  # applied to live dimensions only (see below)
         default_factory=lambda: {"color": 0.5, "shape": 0.3, "direction": 0.5}
     )
+    # [J] the fidelity dimension: a lower-is-better number per NFE, read from the entry's key of that name or from
+    # its "fidelity" dict (latent_distance | frechet today; the toy FVD plugs in by name); from monotone_from_nfe on
+    # it must not rise: f(b) ≤ f(a)·(1 + fidelity_rel_tolerance)
+    fidelity_metric: str = "latent_distance"
+    fidelity_rel_tolerance: float = 0.02
+    # [J] the teacher at the same budget (N Euler steps × CFG, i.e. 2N network evaluations) must be beaten on Total
+    # at every gate NFE ≤ this
+    beat_teacher_up_to_nfe: int = 8
+    # [J] dead dimensions: a semantic accuracy on which the reference teacher scores below this floor (it cannot do
+    # it), or any dimension constant over every evaluated row, is dropped from Quality/Semantic/Total
+    teacher_accuracy_floor: float = 0.5
+
+
+@section
+class GateSanity:
+    """[J] ``anyflow gate-sanity`` (DVC stage ``gate_sanity``): the scorers must rank known-better videos higher on
+    held-out specs — procedural clips ≥ teacher ``gate.teacher_steps``×CFG ≥ teacher at each of ``teacher_steps``
+    ×CFG, and every corruption of the procedural clips below the clean clip (Total and its target dimension)."""
+
+    seed: int = 4321
+    seeds_per_prompt: int = 8  # every held-out prompt × this many noises; one Total per seed column
+    teacher_steps: tuple[int, ...] = (8, 4, 2, 1)
+    # an ordering A ≥ B holds when the paired mean over seeds of Total(A) − Total(B) exceeds se_multiple × its
+    # standard error, and is broken when it is below −se_multiple × SE (within: a tie, reported); 2 ≈ a one-sided
+    # 95 % test (t with 7 d.o.f.: P(t < −2) ≈ 0.04), so a true tie is called broken about 1 run in 25
+    se_multiple: float = 2.0
 
 
 @section
@@ -240,6 +266,7 @@ class Gate:
     # agree within 0.006 at every NFE — under the 0.01 monotone tolerance the gate must resolve.
     seeds_per_prompt: int = 8
     policy: GatePolicy = GatePolicy()
+    sanity: GateSanity = GateSanity()
     num_previews: int = 4
     use_vbench: bool = False  # real VBench on exported mp4s (GPU clusters with weights staged locally)
 

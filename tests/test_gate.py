@@ -2,6 +2,8 @@
 
 import copy
 
+import pytest
+
 from anyflow.config import GatePolicy
 from anyflow.eval.gate import check, failed_criteria
 
@@ -10,9 +12,14 @@ POLICY = GatePolicy(total_tolerance=0.02, monotone_tolerance=0.01, monotone_from
 
 
 def _report(totals: dict[int, float], teacher: float = 0.80, sem: dict | None = None) -> dict:
+    """A gate report as the stage writes it ([J]): the teacher at the same budget (N steps × CFG) well below the
+    student at every NFE, the fidelity dimension (latent distance) falling with NFE."""
     sem = sem or {"color": 0.9, "shape": 0.8, "direction": 0.9}
     return {"teacher": {"total": teacher},
-            "candidate": {"by_nfe": {str(n): {"total": t, "dimensions": dict(sem)} for n, t in totals.items()}}}
+            "teacher_at_budget": {"by_nfe": {str(n): {"total": t - 0.2} for n, t in totals.items()}},
+            "candidate": {"by_nfe": {str(n): {"total": t, "dimensions": dict(sem),
+                                              "fidelity": {"latent_distance": 1.0 / n}}
+                                     for n, t in totals.items()}}}
 
 
 GOOD = {1: 0.60, 2: 0.75, 4: 0.79, 8: 0.795, 16: 0.80, 32: 0.80}
@@ -49,3 +56,78 @@ def test_semantic_floor_and_missing_nfe_named():
     assert failed_criteria(_report(GOOD), {"total_tolerance": 0.02, "monotone_tolerance": 0.01,
                                            "monotone_from_nfe": 2, "semantic_floors": {"color": 0.95}}) == [
         "semantic_floor_color@4", "semantic_floor_color@8", "semantic_floor_color@16", "semantic_floor_color@32"]
+
+
+# --- [J] the teacher at the same budget, the fidelity dimension, dead dimensions ---------------------------------
+def test_student_must_beat_the_teacher_at_equal_budget_up_to_8():
+    r = _report(GOOD)
+    r["teacher_at_budget"]["by_nfe"]["2"]["total"] = 0.76  # the 2-step × CFG teacher beats the 2-NFE student
+    r["teacher_at_budget"]["by_nfe"]["16"]["total"] = 0.99  # beyond beat_teacher_up_to_nfe = 8: not a criterion
+    assert failed_criteria(r, POLICY) == ["beats_teacher@2"]
+    names = [c["name"] for c in check(r, POLICY)]
+    assert [n for n in names if n.startswith("beats_teacher")] == [f"beats_teacher@{n}" for n in (1, 2, 4, 8)]
+    r["teacher_at_budget"]["by_nfe"]["2"]["total"] = GOOD[2]  # a tie is not a win
+    assert failed_criteria(r, POLICY) == ["beats_teacher@2"]
+    del r["teacher_at_budget"]  # a report without the budget rows cannot show it
+    assert failed_criteria(r, POLICY) == [f"beats_teacher@{n}" for n in (1, 2, 4, 8)]
+
+
+def test_fidelity_must_not_rise_from_2_nfe_and_accepts_a_plugged_in_metric():
+    r = _report(GOOD)
+    r["candidate"]["by_nfe"]["16"]["fidelity"]["latent_distance"] = 0.2  # 1/8 = 0.125 → 0.2: the consistency shape
+    assert failed_criteria(r, POLICY) == ["fidelity_monotone_8_to_16"]
+    r["candidate"]["by_nfe"]["1"]["fidelity"]["latent_distance"] = 0.01  # 1 → 2 is exempt (monotone_from_nfe)
+    assert failed_criteria(r, POLICY) == ["fidelity_monotone_8_to_16"]
+    # within the relative tolerance (2 %) passes
+    r["candidate"]["by_nfe"]["16"]["fidelity"]["latent_distance"] = 0.125 * 1.019
+    assert failed_criteria(r, POLICY) == []
+    # a later metric (the toy FVD) recorded as its own key per NFE, by name
+    fvd = GatePolicy(**{**POLICY.__dict__, "fidelity_metric": "fvd"})
+    for n, e in r["candidate"]["by_nfe"].items():
+        e["fvd"] = {"value": 100.0 / int(n)}
+    assert failed_criteria(r, fvd) == []
+    r["candidate"]["by_nfe"]["32"]["fvd"] = {"value": 50.0}
+    assert failed_criteria(r, fvd) == ["fidelity_monotone_16_to_32"]
+    del r["candidate"]["by_nfe"]["4"]["fvd"]  # missing values fail, never pass silently
+    assert {"fidelity_monotone_2_to_4", "fidelity_monotone_4_to_8"} <= set(failed_criteria(r, fvd))
+
+
+def test_dead_dimensions_rule_and_no_floor_on_them():
+    from anyflow.eval.gate import dead_dimensions
+
+    teacher = {"color": 0.99, "shape": 0.417, "direction": 1.0, "dynamic_degree": 1.0, "motion_smoothness": 0.8}
+    rows = [{"color": 1.0, "shape": 0.417, "direction": 1.0, "dynamic_degree": 1.0, "motion_smoothness": 0.7},
+            {"color": 0.9, "shape": 0.417, "direction": 0.98, "dynamic_degree": 1.0, "motion_smoothness": 0.75}]
+    dead = dead_dimensions(teacher, rows, 0.5)
+    assert sorted(dead) == ["dynamic_degree", "shape"]
+    assert "teacher cannot do it" in dead["shape"] and "0.417" in dead["shape"]
+    assert "constant" in dead["dynamic_degree"]
+    # a dimension the teacher does well, varying over rows, is live; a constant one is dead even when it is 1.0
+    assert "color" not in dead and "direction" not in dead
+    assert "direction" in dead_dimensions(teacher, [dict(r, direction=1.0) for r in rows], 0.5)
+    # the policy skips the floor of a dead dimension (shape 0.1 at 8 NFE fails only while shape is live)
+    r = _report(GOOD)
+    r["candidate"]["by_nfe"]["8"]["dimensions"]["shape"] = 0.1
+    assert failed_criteria(r, POLICY) == ["semantic_floor_shape@8"]
+    r["dead_dimensions"] = {"shape": dead["shape"]}
+    assert failed_criteria(r, POLICY) == []
+    assert not [c for c in check(r, POLICY) if c["name"].startswith("semantic_floor_shape")]
+
+
+def test_aggregate_drops_dead_dimensions_from_total():
+    from anyflow.eval import vbench_like as V
+
+    scores = {"subject_consistency": 0.9, "background_cleanliness": 0.8, "temporal_flickering": 0.95,
+              "motion_smoothness": 0.9, "dynamic_degree": 1.0, "imaging_quality": 0.5, "color": 1.0,
+              "shape": 0.417, "direction": 1.0}
+    full, dropped = V.aggregate(scores), V.aggregate(scores, drop=("shape", "dynamic_degree"))
+    live = {k: v for k, v in scores.items() if k not in ("shape", "dynamic_degree")}
+    assert dropped["total"] == pytest.approx(V.aggregate(live)["total"])
+    assert dropped["semantic"] == pytest.approx(1.0) and full["semantic"] < 0.81
+    # a constant kept in the Total compresses differences: dropping it widens the gap between two candidates
+    worse = dict(scores, motion_smoothness=0.8)
+    assert (dropped["total"] - V.aggregate(worse, drop=("shape", "dynamic_degree"))["total"]
+            > full["total"] - V.aggregate(worse)["total"])
+    # every semantic dimension dead: Total is Quality alone (not None, not a constant)
+    all_sem = V.aggregate(scores, drop=("color", "shape", "direction"))
+    assert all_sem["semantic"] is None and all_sem["total"] == pytest.approx(all_sem["quality"])

@@ -18,10 +18,16 @@ STEP_COLUMNS = ("nfe", "model", "total", "quality", "semantic", "color", "shape"
                 "frechet")
 
 
+BUDGET_MODEL = "teacher_n_steps"  # the teacher at N Euler steps × CFG, one row per gate NFE N
+
+
 def step_rows(report: Mapping) -> list[dict]:
-    """One row per (model, NFE): the candidate, each baseline, and the teacher at its own NFE (steps × 2)."""
+    """One row per (model, NFE): the candidate, each baseline, the teacher at the same budget (``teacher_n_steps``:
+    N steps × CFG at NFE N) and the reference teacher at its own NFE (steps × 2)."""
     rows = []
     series = [("student", report["candidate"])] + sorted(report.get("baselines", {}).items())
+    if report.get("teacher_at_budget"):
+        series.append((BUDGET_MODEL, report["teacher_at_budget"]))
     for name, entry in series:
         for nfe, r in sorted(entry["by_nfe"].items(), key=lambda kv: int(kv[0])):
             rows.append(_row(int(nfe), name, r))
@@ -102,10 +108,19 @@ def summary_markdown(report: Mapping) -> str:
     out = [f"# Gate {verdict}", ""]
     if report.get("failed"):
         out += ["Failed criteria: " + ", ".join(f"`{c}`" for c in report["failed"]), ""]
-    c = report["candidate"]
+    c, t = report["candidate"], report["teacher"]
     out += [f"Candidate: `{c.get('adapter', '?')}` (paradigm {c.get('paradigm', '?')}); "
-            f"{report.get('num_samples', '?')} held-out samples; teacher {report['teacher']['nfe']} NFE "
-            f"({report['teacher'].get('steps', '?')} steps × CFG).", ""]
+            f"{report.get('num_samples', '?')} held-out samples; teacher {t['nfe']} NFE "
+            f"({t.get('steps', '?')} steps × CFG, guidance scale w = {t.get('guidance_scale', '?')}, "
+            f"{t.get('guidance_convention', 'u + w·(c − u)')}).", ""]
+    if report.get("teacher_at_budget"):
+        out += [f"`{BUDGET_MODEL}`: the teacher at the same budget — N Euler steps × CFG (w = "
+                f"{report['teacher_at_budget'].get('guidance_scale', '?')}) at gate NFE N, i.e. 2N network "
+                "evaluations against the student's N.", ""]
+    dead = report.get("dead_dimensions") or {}
+    if dead:
+        out += ["Dropped from Quality / Semantic / Total (dead dimensions): "
+                + "; ".join(f"`{d}` — {why}" for d, why in dead.items()), ""]
     out += ["| model | NFE | Total | Quality | Semantic | colour | shape | direction | latent dist. | Fréchet |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in step_rows(report):

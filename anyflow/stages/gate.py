@@ -3,14 +3,21 @@
 On a fixed held-out prompt set (``gate.num_prompts`` prompts cycled over the domain's held-out split, each with
 ``gate.seeds_per_prompt`` noises drawn from ``gate.seed``) it samples
 
-* the teacher: ``gate.teacher_steps`` Euler steps with CFG ``gate.teacher_guidance_scale`` (2 NFE per step);
+* the teacher: ``gate.teacher_steps`` Euler steps with CFG ``gate.teacher_guidance_scale`` (2 NFE per step;
+  convention ``u + w·(c − u)``, w = 1 is unguided) — the reference the report names (``teacher.guidance_scale``);
+* the teacher at the same budget (``teacher_at_budget``): for every NFE N in ``gate.nfes``, N Euler steps × CFG from
+  the same noises. Decision: "N NFE" for the teacher means N CFG steps (2N network evaluations), the paper's
+  Fig. 1 x-axis (steps) — the stronger baseline of the two readings (N/2 CFG steps would give it half the compute
+  and no row at 1 NFE); the policy requires the student to beat it at every NFE ≤ ``beat_teacher_up_to_nfe``;
 * the candidate student at every NFE in ``gate.nfes`` (one call per step, guidance fused), with the sampler of its
   paradigm (read from the adapter file's metadata; ``--paradigm`` overrides);
 * optionally baselines (``--compare``, e.g. the consistency student: the paper's Fig. 1 in one command),
 
 decodes every sample with the teacher's VAE and scores the pixels (:mod:`anyflow.eval.vbench_like`: VBench-style
 quality and semantic dimensions → Quality / Semantic / Total) and the latents (:mod:`anyflow.eval.fidelity`:
-RMS distance to the teacher's sample from the same noise, Fréchet distance in a fixed feature space). The policy
+RMS distance to the teacher's sample from the same noise, Fréchet distance in a fixed feature space). Dead dimensions
+(:func:`anyflow.eval.gate.dead_dimensions`: constant over every row, or a semantic accuracy the teacher cannot do)
+are dropped from every Quality / Semantic / Total in the report, with the reason (``dead_dimensions``). The policy
 (:mod:`anyflow.eval.gate`, ``gate.policy``) is applied to the candidate only.
 
 Outputs (``--out NAME``, default ``gate``; the directory is swapped in atomically, metrics are written before the
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 16
 DRIFT_NFES = (4, 16)
+GUIDANCE_CONVENTION = "u + w·(c − u)"  # what gate.teacher_guidance_scale = w means (anyflow.models.teacher)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +167,33 @@ def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes") ->
             "dimensions": scored["dimensions"], "normalized": agg["normalized"], "fidelity": fid}
 
 
+def teacher_samples(pipe, noise, emb, neg, steps: int, guidance_scale: float, shift: float, progress, desc: str):
+    """The teacher's Euler ODE samples (``steps`` steps, CFG ``guidance_scale``) from ``noise``, batched."""
+    from anyflow.models.teacher import teacher_ode_sample
+
+    return _batched(lambda i, j: teacher_ode_sample(pipe.transformer, noise[i:j], emb[i:j], neg, steps,
+                                                    guidance_scale, shift), noise.shape[0], progress, desc)
+
+
+def cfg_nfe(steps: int, guidance_scale: float) -> int:
+    """Network evaluations of ``steps`` Euler steps: 2 per step with CFG, 1 without (w = 1)."""
+    return steps * (1 if guidance_scale == 1 else 2)
+
+
+def drop_dead(report: dict, floor: float) -> dict:
+    """Find the dead dimensions over every row of ``report`` (teacher, teacher at budget, candidate, baselines)
+    and re-aggregate every row's Quality / Semantic / Total without them; returns ``{dim: reason}``."""
+    from anyflow.eval import gate as policy, vbench_like
+
+    entries = [report["teacher_at_budget"], report["candidate"], *report["baselines"].values()]
+    rows = [r for e in entries for r in e["by_nfe"].values()]
+    dead = policy.dead_dimensions(report["teacher"]["dimensions"], [r["dimensions"] for r in rows], floor)
+    for r in [report["teacher"], *rows]:
+        agg = vbench_like.aggregate(r["dimensions"], drop=tuple(dead))
+        r.update(total=agg["total"], quality=agg["quality"], semantic=agg["semantic"], normalized=agg["normalized"])
+    return dead
+
+
 def real_vbench(frames, specs, root: Path, name: str, fps: int, device: str) -> dict:
     """Real VBench (``gate.use_vbench``) on mp4s of these samples: ``<root>/<name>/videos`` (custom_input layout)
     and VBench's results beside them; scores aggregated like the offline ones. Reported, not gated on."""
@@ -184,8 +219,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     from anyflow.eval import fidelity, gate as policy
     from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
     from anyflow.models.student import load_student
-    from anyflow.models.teacher import (decode_latents, encode_prompts, latent_shape, load_teacher,
-                                        negative_embeds, teacher_ode_sample)
+    from anyflow.models.teacher import decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds
     from anyflow.sampling import sample_student
 
     t_start = time.perf_counter()
@@ -219,19 +253,27 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
     noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
     batches = -(-n // BATCH)
-    bar = tqdm(total=batches * (2 + 2 * len(g.nfes) * len(adapters)), desc=out_name, disable=not progress)
+    bar = tqdm(total=batches * (2 + 2 * len(g.nfes) * (len(adapters) + 1)), desc=out_name, disable=not progress)
     decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
 
     seconds: dict = {}
     t0 = time.perf_counter()
-    x_teacher = _batched(lambda i, j: teacher_ode_sample(pipe.transformer, noise[i:j], emb[i:j], neg, g.teacher_steps,
-                                                         g.teacher_guidance_scale, shift), n, bar, "teacher")
+    x_teacher = teacher_samples(pipe, noise, emb, neg, g.teacher_steps, g.teacher_guidance_scale, shift, bar,
+                                "teacher")
     seconds["teacher_sampling"] = time.perf_counter() - t0
     frames_teacher = decode(x_teacher)
     teacher_feats = fidelity.video_features(list(frames_teacher))
     teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats)
     teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale,
-                   nfe=g.teacher_steps * (1 if g.teacher_guidance_scale == 1 else 2))
+                   guidance_convention=GUIDANCE_CONVENTION, nfe=cfg_nfe(g.teacher_steps, g.teacher_guidance_scale))
+    budget = {}  # the teacher at the same budget: N Euler steps × CFG per gate NFE N (same noises)
+    for nfe in g.nfes:
+        t0 = time.perf_counter()
+        x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG")
+        sampling = time.perf_counter() - t0
+        budget[str(nfe)] = score(decode(x), specs, x, x_teacher, teacher_feats)
+        budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale),
+                                sampling_seconds=sampling)
 
     previews = {f"teacher {teacher['nfe']}": frames_teacher[:g.num_previews]}
     results: dict = {}
@@ -267,8 +309,13 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     bar.close()
 
     report = {"candidate": results.pop("student"), "teacher": teacher, "baselines": results,
+              "teacher_at_budget": {"steps": "N Euler steps × CFG at gate NFE N (2N network evaluations)",
+                                    "guidance_scale": g.teacher_guidance_scale,
+                                    "guidance_convention": GUIDANCE_CONVENTION, "by_nfe": budget},
               "prompts": toy.prompts(specs), "num_samples": n, "seed": g.seed,
               "policy": _policy_dict(g.policy)}
+    report["dead_dimensions"] = drop_dead(report, g.policy.teacher_accuracy_floor)
+    report["live_dimensions"] = [d for d in teacher["dimensions"] if d not in report["dead_dimensions"]]
     report["criteria"] = policy.check(report, g.policy)
     report["failed"] = [c["name"] for c in report["criteria"] if not c["passed"]]
     report["passed"] = not report["failed"]
@@ -300,14 +347,21 @@ def without_timings(obj):
 
 def _policy_dict(p) -> dict:
     return {"total_tolerance": p.total_tolerance, "monotone_tolerance": p.monotone_tolerance,
-            "monotone_from_nfe": p.monotone_from_nfe, "semantic_floors": dict(p.semantic_floors)}
+            "monotone_from_nfe": p.monotone_from_nfe, "semantic_floors": dict(p.semantic_floors),
+            "fidelity_metric": p.fidelity_metric, "fidelity_rel_tolerance": p.fidelity_rel_tolerance,
+            "beat_teacher_up_to_nfe": p.beat_teacher_up_to_nfe, "teacher_accuracy_floor": p.teacher_accuracy_floor}
 
 
 def metrics_of(report: dict) -> dict:
     """The compact DVC metrics: verdict, failed criteria, Totals per NFE, fidelity at 4 NFE, timings."""
+    from anyflow.eval.gate import fidelity_value
+
+    metric = report["policy"].get("fidelity_metric", "latent_distance")
+
     def series(entry: dict) -> dict:
         return {k: {n: r[k] for n, r in entry["by_nfe"].items()} for k in ("total", "semantic")} | {
-            "latent_distance": {n: r["fidelity"]["latent_distance"] for n, r in entry["by_nfe"].items()}}
+            "latent_distance": {n: r["fidelity"]["latent_distance"] for n, r in entry["by_nfe"].items()},
+            "fidelity": {n: fidelity_value(r, metric) for n, r in entry["by_nfe"].items()}}
 
     t = report["teacher"]
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
@@ -316,7 +370,10 @@ def metrics_of(report: dict) -> dict:
              for name, entry in [("candidate", report["candidate"]), *report["baselines"].items()]
              if entry.get("drift")}
     return {"passed": report["passed"], "failed": report["failed"], **({"drift": drift} if drift else {}),
-            "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"]},
+            "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"],
+                        "guidance_scale": t["guidance_scale"]},
+            "teacher_at_budget": {"total": {n: r["total"] for n, r in report["teacher_at_budget"]["by_nfe"].items()}},
+            "dead_dimensions": sorted(report.get("dead_dimensions", {})), "fidelity_metric": metric,
             "candidate": {"paradigm": report["candidate"]["paradigm"], **series(report["candidate"])},
             "baselines": {k: {"paradigm": v["paradigm"], **series(v)} for k, v in report["baselines"].items()},
             "num_samples": report["num_samples"], "seconds": report["seconds"]}
@@ -326,7 +383,12 @@ def main(cfg: Config, args) -> int:
     report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress,
                  tuple(getattr(args, "drift_nfes", DRIFT_NFES)))
     t = report["teacher"]
-    print(f"teacher {t['nfe']} NFE: Total {t['total']:.4f} (semantic {t['semantic']:.3f})")
+    print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g} ({t['guidance_convention']}), {t['nfe']} NFE: "
+          f"Total {t['total']:.4f} (semantic {t['semantic']:.3f})")
+    row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in report["teacher_at_budget"]["by_nfe"].items())
+    print(f"teacher N steps × CFG Total by N  {row}")
+    for dim, why in report["dead_dimensions"].items():
+        print(f"dropped dimension {dim}: {why}")
     for name, entry in [("student", report["candidate"]), *report["baselines"].items()]:
         row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in entry["by_nfe"].items())
         print(f"{name} ({entry['paradigm']}, {entry.get('architecture', 'bidirectional')}) Total by NFE  {row}")
