@@ -54,16 +54,19 @@ def test_chunked_draws_extend_the_per_sample_draws():
     assert bool((times.r[4:] < times.t[4:]).all()) and float(times.t[4:].std(1).min()) > 0
 
 
-def test_shared_chunk_times_give_the_per_sample_objective(teacher, monkeypatch):
+@pytest.mark.parametrize("target", ["reference", "meanflow"])
+def test_shared_chunk_times_give_the_per_sample_objective(teacher, monkeypatch, target):
     """With every chunk at the sample's (t, r), the chunked objective is the per-sample one (same velocity, same
-    clean context): same loss, parts and LoRA gradient; with its own per-chunk draws it is not."""
+    clean context): same loss, parts and LoRA gradient; with its own per-chunk draws it is not. Under both
+    ``stage1.guidance_target`` options (the "meanflow" target's v_∅ = u_∅(t, t) is taken per chunk like u_∅)."""
     model = far_student(teacher)
     data = dataset(8)
     x0, text = data.latents, data.prompt_embeds
     lora = adapter_parameters(model)
+    s1 = replace(S1, guidance_target=target)
 
     def run(chunks):
-        out = terms(model, x0, text, S1, SEEDS, chunks)
+        out = terms(model, x0, text, s1, SEEDS, chunks)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in lora.items()}
         model.zero_grad(set_to_none=True)

@@ -203,7 +203,10 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     ``u_nograd`` (default ``u``) serves the no-grad evaluations (dF/dt, the unconditional branch) — under DDP the
     unwrapped module, so only the graded call goes through the wrapper. ``v_teacher(z, t, text)`` (no grad), when
     given, replaces ``v = ε − x0`` by the teacher's velocity — E[ε − x0 | z_t] on teacher-synthesised data — in both
-    the r = t target and the dF/dt tangent.
+    the r = t target and the dF/dt tangent. ``s1.guidance_target`` picks the guided rows' target: "reference" (the
+    NVlabs/AnyFlow objective: tangent v, fused mean u_∅(t, r)) or "meanflow" (tangent v_w = w·v + (1 − w)·v_∅,
+    target v + ((1 − w)/w)·(v_∅ − u_∅) − (t − r)·dF/dt/w, v_∅ = u_∅(t, t): zero at the exact guided flow map;
+    tests/test_guided_closed_form.py). Both are the same on r = t rows and on unguided (w = 1) rows.
 
     Causal student (AnyFlow-FAR): ``chunks`` (the latent frames of each chunk, summing to F) gives every chunk its
     own (t, r) — t, r are (B, K), z_t is built per chunk, and dF/dt is taken along (v, 1 on every chunk's t), which
@@ -240,24 +243,46 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         with torch.no_grad():
             v = v_teacher(z, t, text).detach()
     w = torch.where(drop, torch.ones(b), torch.full((b,), float(s1.guidance_scale))).to(x0.dtype)
-
+    guided = w != 1
     moving = times.kind != KIND_DIFFUSION  # only r ≠ t samples need dF/dt
-    target = v.clone()
+    mode = getattr(s1, "guidance_target", "reference")
+    if mode not in ("reference", "meanflow"):
+        raise ValueError(f"stage1.guidance_target: unknown {mode!r} (reference | meanflow)")
+
+    if mode == "meanflow":
+        # MeanFlow's CFG recipe in fused form: the guided tangent v_w = w·v + (1 − w)·v_∅ for dF/dt, and the target
+        # v + ((1 − w)/w)·(v_∅ − u_∅) − (t − r)·(D_{v_w} u_c)/w, whose zero is the exact CFG-guided mean velocity U_w
+        # on r ≠ t rows too (v_∅ = u_∅(z, t, t) the student's own instantaneous unconditional velocity, no grad;
+        # on r = t rows v_∅ = u_∅ and this is the reference target v)
+        u_unc, v_unc = torch.zeros_like(z), torch.zeros_like(z)
+        if bool(guided.any()):
+            with torch.no_grad():
+                gi = guided.nonzero().squeeze(1)
+                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
+                v_unc[gi] = u_unc[gi]
+                gm = (guided & moving).nonzero().squeeze(1)
+                if gm.numel():
+                    v_unc[gm] = u_ng(z[gm], t[gm], t[gm], neg[gm], *ctx(gm))
+        wb = _b(w, x0)
+        v_w = wb * v + (1.0 - wb) * v_unc
+        target = v + (1.0 - wb) / wb * (v_unc - u_unc)
+    else:
+        v_w, target = v, v.clone()
     if bool(moving.any()):
         idx = moving.nonzero().squeeze(1)
-        zm, tm, rm, vm, cm = z[idx], t[idx], r[idx], v[idx], text[idx]
-        dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm, *ctx(idx)), zm, tm, vm, s1.derivative,
+        zm, tm, rm, cm = z[idx], t[idx], r[idx], text[idx]
+        dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm, *ctx(idx)), zm, tm, v_w[idx], s1.derivative,
                                 s1.fd_eps)
-        target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), vm, tb[idx] if chunks else tm,
+        target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), target[idx], tb[idx] if chunks else tm,
                                       rb[idx] if chunks else rm)
 
     pred_c = u(z, t, r, text, *ctx(None))
-    guided = w != 1
     if bool(guided.any()):
-        with torch.no_grad():
-            u_unc = torch.zeros_like(pred_c)
-            gi = guided.nonzero().squeeze(1)
-            u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
+        if mode == "reference":  # the reference fuses the mean u_∅(t, r) and takes dF/dt along v
+            with torch.no_grad():
+                u_unc = torch.zeros_like(pred_c)
+                gi = guided.nonzero().squeeze(1)
+                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
         pred = fuse_guidance(pred_c, u_unc, w)
     else:
         pred = pred_c
