@@ -236,8 +236,8 @@ def test_stage1_objective_trains_the_far_adapter_and_adapter_round_trips(teacher
     with torch.no_grad():
         torch.testing.assert_close(student_velocity(model, z, t, 0.3 * t, text),
                                    student_velocity(other, z, t, 0.3 * t, text), rtol=0, atol=2e-5)
-    with pytest.raises(ValueError, match="full_chunk_limit"):
-        far_velocity(student(teacher, FAR_COMPRESSED, lora=False), z, t, t, text)
+    with torch.no_grad():  # far context (3 chunks > limit 2) trains too: a velocity of every frame (test_far_context)
+        assert far_velocity(student(teacher, FAR_COMPRESSED, lora=False), z, t, t, text).shape == z.shape
     with pytest.raises(ValueError, match="one per chunk"):
         far_velocity(model, z, torch.ones(2, 2), t, text)
 

@@ -11,7 +11,7 @@ from anyflow.config import Student
 from anyflow.export.far_onnx import (FARChunkStep, export_far, far_generate_functional, far_generate_onnx,
                                      load_far_sessions)
 from anyflow.models.far import _kv_cache, far_generate
-from anyflow.models.student import add_lora, student_from_teacher
+from anyflow.models.student import add_lora, student_from_teacher, unwrap_full_modules
 from conftest import make_tiny_wan
 
 # latents (B, C=8, F=5, H=8, W=8) as tests/test_far.py; compressed: 3 chunks > full_chunk_limit 2
@@ -31,9 +31,11 @@ def merged_student(scfg=FAR):
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_((0.05 if "lora_B" in n else 0.3) * torch.randn(p.shape, generator=g))
+            elif ".modules_to_save." in n:  # far context: the adapter's trained far_patch_embedding
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     model.fuse_lora(adapter_names=["student"])
     model.unload_lora()
-    return model
+    return unwrap_full_modules(model)
 
 
 def data(seed=0, b=2):

@@ -140,7 +140,7 @@ def _functional(model, rope: _RealCausalRope):
 def _check_merged(model) -> None:
     if type(model).__name__ != "AnyFlowFARTransformer3DModel":
         raise ValueError(f"far_onnx: expected a merged AnyFlowFARTransformer3DModel, got {type(model).__name__}")
-    lora = [n for n, _ in model.named_parameters() if "lora_" in n]
+    lora = [n for n, _ in model.named_parameters() if "lora_" in n or ".modules_to_save." in n]
     if lora:
         raise ValueError(f"far_onnx: the FAR model still has LoRA layers ({lora[0]}, …): merge the adapter first "
                          "(anyflow.stages.export.merge_adapter)")

@@ -16,6 +16,8 @@ Not a fork of diffusers' model code; this module only adds what the project need
 
   Consequently a FAR student whose far context is unused (one chunk, or ``len(chunk_partition) <=
   full_chunk_limit``) computes, at r = t, on chunk 0 exactly the teacher's output on chunk 0 alone (tested).
+  With a longer partition the far context enters training (:func:`far_velocity`) and the student's adapter trains
+  ``far_patch_embedding`` in full (:func:`anyflow.models.student.full_modules`), as the reference does.
 * :class:`DenseFARAttnProcessor` — the causal self-attention with the same KV-cache handling as diffusers'
   ``AnyFlowCausalAttnProcessor`` but attention through SDPA: the flex ``BlockMask`` is materialised densely from
   its own ``mask_mod`` (``create_mask``). torch's CPU flex attention has no backward, so on CPU this is what
@@ -24,10 +26,12 @@ Not a fork of diffusers' model code; this module only adds what the project need
   softmax mass (measured on the tiny test model: KV-cache generation with flex reads is 0.06 max-abs off full
   recomputation, with these reads 2e-7; diffusers 0.42.1).
 * :func:`far_velocity` — ``u(z, t, r)`` in :mod:`anyflow.sampling`'s conventions, t/r per sample (B,) or per
-  chunk (B, K); the training-rollout forward (chunk-causal mask, every chunk at its own time).
+  chunk (B, K); the training-rollout forward (chunk-causal mask, every chunk at its own time; with far context
+  one forward per chunk beyond ``full_chunk_limit``, so every chunk sees what generation shows it).
 * :func:`far_generate` / :func:`far_recompute_chunk` — chunk-by-chunk any-step sampling with the model's KV cache
   (the loop of diffusers' ``AnyFlowFARPipeline`` on latents and text embeddings, each chunk through
-  :func:`anyflow.sampling.sample`) and its reference: one full forward of [clean prefix, noisy chunk] per step.
+  :func:`anyflow.sampling.sample`) and its reference: one full forward of [clean prefix, noisy chunk] per step;
+  :func:`far_cached_chunk_velocity` — one chunk's velocity through a KV cache filled with a given clean prefix.
 """
 
 from __future__ import annotations
@@ -206,34 +210,75 @@ def _per_frame(x: torch.Tensor, b: int, partition: Sequence[int], name: str) -> 
 def far_velocity(model, z_BCFHW: torch.Tensor, t: torch.Tensor, r: torch.Tensor, prompt_embeds: torch.Tensor,
                  chunk_partition: Optional[Sequence[int]] = None,
                  clean: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``u(z_t, t, r)`` of every chunk in one chunk-causal forward (the training rollout): z (B, C, F, H, W),
+    """``u(z_t, t, r)`` of every chunk in chunk-causal rollout forwards (the training forward): z (B, C, F, H, W),
     t and r in [0, 1] of shape (B,) or per chunk (B, K); returns (B, C, F, H, W).
 
     ``clean`` None: every noisy chunk attends to the noisy earlier chunks (diffusion-forcing layout). ``clean``
     (B, C, F, H, W) clean latents: teacher forcing (diffusers' ``clean_hidden_states``, t = r = 0) — chunk k
     attends only to its own noisy tokens and the *clean* chunks < k, i.e. exactly what chunk-by-chunk generation
-    shows it (:func:`far_recompute_chunk`; tested), and its output depends on no other chunk's (z, t, r).
-    Needs ``len(chunk_partition) <= full_chunk_limit`` (otherwise diffusers compresses the first chunks into far
-    context and returns only the full-resolution frames, which is not a velocity of all of z)."""
+    shows it (:func:`far_recompute_chunk` ≡ the KV cache; tested), and its output depends on no other chunk's
+    (z, t, r).
+
+    Far context (``K = len(chunk_partition) > L = full_chunk_limit``): generation shows chunk k ≥ L the chunks
+    k−L+1..k−1 at full resolution and the chunks 0..k−L *compressed* (``far_patch_embedding``, average-pooled
+    rotary). One forward over all K chunks would compress chunks 0..K−L−1 for every chunk of the last window
+    (diffusers' ``_forward_train``, what the reference's pretrain trainer does on a random prefix of 1..K−L far
+    chunks, loss on the whole window), which is generation's view only for its last chunk. Here chunk k's output
+    comes from the forward over chunks 0..k (``_rollout``; with teacher forcing: chunks 0..k−L as clean far
+    context at t = r = 0 — the reference's ``context_latents`` — the window k−L+1..k noisy plus its clean copy),
+    and chunks 0..L−1 from one forward over 0..L−1: K − L + 1 forwards, every chunk exactly as generated, and the
+    compressed far context and its patch embedding get gradients."""
     b, _, f = z_BCFHW.shape[:3]
     config = _bare(model).config  # model may be DDP-wrapped (training)
     partition = list(chunk_partition or config.chunk_partition)
     if sum(partition) != f:
         raise ValueError(f"student.chunk_partition: {tuple(partition)} sums to {sum(partition)}, latents have "
                          f"{f} frames")
-    if len(partition) > config.full_chunk_limit:
-        raise ValueError(f"far_velocity: {len(partition)} chunks > student.full_chunk_limit "
-                         f"{config.full_chunk_limit}: the first chunks would be far context without output")
     if clean is not None and clean.shape != z_BCFHW.shape:
         raise ValueError(f"far_velocity: clean {tuple(clean.shape)} must have the shape of z {tuple(z_BCFHW.shape)}")
     ts = _per_frame(t, b, partition, "t").to(z_BCFHW.dtype)
     rs = _per_frame(r, b, partition, "r").to(z_BCFHW.dtype)
-    extra = {} if clean is None else {"clean_hidden_states": clean.to(z_BCFHW.dtype).permute(0, 2, 1, 3, 4),
-                                      "clean_timestep": torch.zeros_like(ts)}
+    limit = config.full_chunk_limit
+    if len(partition) <= limit:
+        return _rollout(model, z_BCFHW, ts, rs, prompt_embeds, partition, clean)
+    bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
+    cut = lambda x, hi: None if x is None else x[:, :, :hi]  # noqa: E731
+    outs = [_rollout(model, z_BCFHW[:, :, :bounds[limit]], ts[:, :bounds[limit]], rs[:, :bounds[limit]],
+                     prompt_embeds, partition[:limit], cut(clean, bounds[limit]))]
+    for n in range(limit + 1, len(partition) + 1):  # chunk n − 1 with chunks 0..n−1−L as far context
+        hi = bounds[n]
+        out = _rollout(model, z_BCFHW[:, :, :hi], ts[:, :hi], rs[:, :hi], prompt_embeds, partition[:n],
+                       cut(clean, hi))
+        outs.append(out[:, :, -partition[n - 1]:])
+    return torch.cat(outs, dim=2)
+
+
+def num_far_frames(partition: Sequence[int], limit: int) -> int:
+    """Latent frames of the compressed far context of a training forward over ``partition`` (diffusers'
+    ``_forward_train``: the first ``len(partition) − limit`` chunks)."""
+    return sum(partition[:max(0, len(partition) - limit)])
+
+
+def _rollout(model, z_BCFHW, ts, rs, prompt_embeds, partition, clean):
+    """One training forward over ``partition``: the velocity of its full-resolution frames (all of them when
+    ``len(partition) <= full_chunk_limit``), (B, C, F − far, H, W). With ``clean`` the far chunks are the clean
+    latents at t = r = 0 and the full window has its clean copy (``clean_hidden_states``); without, the far chunks
+    are z's own at their (t, r)."""
+    b = z_BCFHW.shape[0]
+    nc = num_far_frames(partition, _bare(model).config.full_chunk_limit)
+    extra = {}
+    if clean is not None:
+        clean = clean.to(z_BCFHW.dtype)
+        if nc:
+            zeros = torch.zeros(b, nc, dtype=ts.dtype, device=ts.device)
+            z_BCFHW = torch.cat([clean[:, :, :nc], z_BCFHW[:, :, nc:]], dim=2)
+            ts, rs = torch.cat([zeros, ts[:, nc:]], 1), torch.cat([zeros, rs[:, nc:]], 1)
+        extra = {"clean_hidden_states": clean[:, :, nc:].permute(0, 2, 1, 3, 4),
+                 "clean_timestep": torch.zeros_like(ts[:, nc:])}
     mask = _train_mask(_bare(model), partition, z_BCFHW.shape[3], z_BCFHW.shape[4], clean is not None,
                        z_BCFHW.device)
     out = model(hidden_states=z_BCFHW.permute(0, 2, 1, 3, 4), timestep=ts, r_timestep=rs,
-                encoder_hidden_states=prompt_embeds, chunk_partition=partition, attention_mask=mask,
+                encoder_hidden_states=prompt_embeds, chunk_partition=list(partition), attention_mask=mask,
                 return_dict=False, **extra)[0]
     return out.permute(0, 2, 1, 3, 4)
 
@@ -336,8 +381,6 @@ def far_generate(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_st
     (B, C, Fc, H, W): given clean first frames (I2V: Fc = 1), Fc a chunk boundary; those chunks are kept and only
     cached. ``use_cache=False``: each step recomputes the whole prefix
     (:func:`far_recompute_chunk`) — the reference. Returns (B, C, F, H, W)."""
-    import copy
-
     from anyflow.sampling import sample
 
     b, _, f, h, w = noise.shape
@@ -364,12 +407,39 @@ def far_generate(model, noise: torch.Tensor, prompt_embeds: torch.Tensor, num_st
                  far_recompute_chunk(model, prompt_embeds, partition[:k + 1], out[:, :, :lo]))
             out[:, :, lo:hi] = sample(paradigm, u, noise[:, :, lo:hi], num_steps, shift, generator)
         if use_cache and k < len(partition) - 1:  # cache step: write chunk 0..k's clean K/V
-            prefix = out[:, :, :hi].permute(0, 2, 1, 3, 4)
-            zeros = torch.zeros(b, hi, dtype=noise.dtype, device=noise.device)
-            mask = model.build_attention_mask(chunk_partition=partition[:k + 1], height=h, width=w,
-                                              device=noise.device, mode="cache")
-            model(hidden_states=prefix, timestep=zeros, r_timestep=zeros, encoder_hidden_states=prompt_embeds,
-                  chunk_partition=partition[:k + 1], attention_mask=mask, kv_cache=cache,
-                  kv_cache_flag={**copy.deepcopy(flag), "is_cache_step": True}, return_dict=False)
-            flag["num_cached_chunks"] += 1
+            _write_cache(model, prompt_embeds, partition[:k + 1], out[:, :, :hi], cache, flag)
     return out
+
+
+def _write_cache(model, prompt_embeds, partition, prefix_BCFHW, cache, flag) -> None:
+    """The cache step after chunk ``len(partition) − 1``: the clean prefix (t = r = 0) through the model's
+    ``mode="cache"`` forward writes [compressed | full] K/V of every block (``AnyFlowFARPipeline``'s loop)."""
+    import copy
+
+    b, _, f, h, w = prefix_BCFHW.shape
+    zeros = torch.zeros(b, f, dtype=prefix_BCFHW.dtype, device=prefix_BCFHW.device)
+    mask = model.build_attention_mask(chunk_partition=list(partition), height=h, width=w,
+                                      device=prefix_BCFHW.device, mode="cache")
+    model(hidden_states=prefix_BCFHW.permute(0, 2, 1, 3, 4), timestep=zeros, r_timestep=zeros,
+          encoder_hidden_states=prompt_embeds, chunk_partition=list(partition), attention_mask=mask, kv_cache=cache,
+          kv_cache_flag={**copy.deepcopy(flag), "is_cache_step": True}, return_dict=False)
+    flag["num_cached_chunks"] += 1
+
+
+def far_cached_chunk_velocity(model, prompt_embeds, partition, prefix_BCFHW):
+    """u(z_chunk, t, r) of the last chunk of ``partition`` as chunk-by-chunk generation computes it: the clean
+    chunks before it (``prefix_BCFHW``) written into a fresh KV cache one cache step per chunk (compressed far
+    context included), then the read step (what :func:`far_generate` does; the reference of the training forward
+    :func:`far_velocity` with teacher forcing)."""
+    partition = list(partition)
+    b, _, _, h, w = prefix_BCFHW.shape
+    cache = _kv_cache(model, b, partition, h, w, prefix_BCFHW.device, prefix_BCFHW.dtype)
+    flag = {"num_cached_chunks": 0, "is_cache_step": False}
+    bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
+    if prefix_BCFHW.shape[2] != bounds[-2]:
+        raise ValueError(f"far_cached_chunk_velocity: prefix has {prefix_BCFHW.shape[2]} frames, the chunks before "
+                         f"the last of {tuple(partition)} {bounds[-2]}")
+    with torch.no_grad():
+        for k in range(len(partition) - 1):
+            _write_cache(model, prompt_embeds, partition[:k + 1], prefix_BCFHW[:, :, :bounds[k + 1]], cache, flag)
+    return _cached_velocity(model, prompt_embeds, partition, cache, flag)

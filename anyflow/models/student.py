@@ -8,7 +8,9 @@ DESIGN §2. The student is *not* a fork of diffusers' model code:
   ``time_embedder`` (``delta_init: copy``), so with ``e = (1 − g)·emb(t) + g·emb'(r)`` the student at r = t *is*
   the teacher, or as zeros (``delta_init: zero``, the paper's Fig. 7 ablation).
 * :func:`add_lora` adds a named peft LoRA adapter (diffusers ``PeftAdapterMixin.add_adapter``); the base weights
-  stay frozen, only ``lora_*`` parameters of the active adapter train.
+  stay frozen, only ``lora_*`` parameters of the active adapter train — and, for a FAR student whose training
+  uses far context, the adapter's own full copy of ``far_patch_embedding`` (:func:`full_modules`; saved in the
+  adapter file as ``far_patch_embedding.weight``/``.bias``, merged by :func:`unwrap_full_modules`).
 * :func:`student_velocity` is the one place that converts our conventions (Wan layout (B, C, F, H, W), times in
   [0, 1] of shape (B,)) to the diffusers call (layout (B, F, C, H, W), per-frame timesteps ``1000·t`` of shape
   (B, F)).
@@ -30,6 +32,20 @@ from anyflow.utils.io import write_safetensors
 
 NUM_TRAIN_TIMESTEPS = 1000.0
 STUDENT = "student"
+SAVED = "modules_to_save"
+
+
+def full_modules(model) -> tuple[str, ...]:
+    """Modules an adapter of ``model`` trains in full (peft ``modules_to_save``: one trainable copy per adapter,
+    saved in its file): a FAR student whose ``chunk_partition`` is longer than its ``full_chunk_limit`` — so that
+    training feeds chunks through the compressed far context — trains ``far_patch_embedding`` (the patch embedding
+    of far-context chunks), as the reference optimises it (``param_names_to_optimize: [lora_A, lora_B,
+    far_patch_embedding]``; a Conv3d, never a LoRA target there). Otherwise none (far context unused in training:
+    nothing would reach it)."""
+    if type(model).__name__ != "AnyFlowFARTransformer3DModel":
+        return ()
+    c = model.config
+    return ("far_patch_embedding",) if len(c.chunk_partition) > c.full_chunk_limit else ()
 
 
 def student_from_teacher(teacher, scfg: Student):
@@ -78,23 +94,30 @@ def add_lora(model, scfg: Student, name: str = STUDENT) -> None:
     for target in scfg.lora_targets:
         if not any(n == target or n.endswith("." + target) for n in names):
             raise ValueError(f"student.lora_targets: {target!r} matches no module of the student")
+    full = list(full_modules(model)) or None
     model.add_adapter(LoraConfig(r=scfg.lora_rank, lora_alpha=scfg.lora_alpha, target_modules=list(scfg.lora_targets),
-                                 init_lora_weights=True), adapter_name=name)
+                                 modules_to_save=full, init_lora_weights=True), adapter_name=name)
     model.set_adapter(name)
     set_trainable(model, name)
 
 
+def _owned(n: str, name: str) -> bool:
+    """Parameter ``n`` belongs to adapter ``name``: its LoRA weights or its full copy of a module it trains
+    (``far_patch_embedding.modules_to_save.<name>.weight``)."""
+    return ("lora_" in n and f".{name}." in n) or f".{SAVED}.{name}." in n
+
+
 def adapter_parameters(model, name: str = STUDENT) -> dict[str, torch.nn.Parameter]:
-    """The LoRA parameters of adapter ``name`` (``...lora_A.<name>.weight`` etc.), by full name."""
-    tag = f".{name}."
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
+    """The trainable parameters of adapter ``name``, by full name: its LoRA weights (``...lora_A.<name>.weight``
+    etc.) and its copies of the modules it trains in full (:func:`full_modules`: a FAR student with far context,
+    ``far_patch_embedding.modules_to_save.<name>.*``)."""
+    return {n: p for n, p in model.named_parameters() if _owned(n, name)}
 
 
 def set_trainable(model, name: Optional[str]) -> None:
-    """requires_grad only on adapter ``name``'s LoRA weights (None: nothing trains)."""
-    tag = f".{name}." if name else None
+    """requires_grad only on adapter ``name``'s parameters (:func:`adapter_parameters`; None: nothing trains)."""
     for n, p in model.named_parameters():
-        p.requires_grad_(bool(tag) and "lora_" in n and tag in n)
+        p.requires_grad_(bool(name) and _owned(n, name))
 
 
 def student_velocity(model, z_BCFHW: torch.Tensor, t_B: torch.Tensor, r_B: torch.Tensor,
@@ -170,8 +193,22 @@ def load_adapter(model, path: str | Path, name: str = STUDENT) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path}: adapter not found (run the stage that writes it)")
     state = load_file(str(path))
-    expected = set(adapter_state(model, name))
-    missing, unexpected = expected - set(state), set(state) - expected
+    current = adapter_state(model, name)
+    missing, unexpected = set(current) - set(state), set(state) - set(current)
+    full = tuple(f"{m}." for m in full_modules(model))
+    if missing and not unexpected and all(k.startswith(full) for k in missing):
+        # a FAR adapter from before far_patch_embedding trained: its far context is the init (the teacher's
+        # kernel, average-pooled), which is what that adapter was trained and sampled with
+        for k in missing:
+            mod, _, param = k.rpartition(".")
+            state[k] = getattr(model.get_submodule(mod).original_module, param).detach().cpu()
+        missing = set()
+    if unexpected and hasattr(model, "far_patch_embedding") and all(k.startswith("far_patch_embedding.")
+                                                                    for k in unexpected):
+        raise ValueError(f"{path}: the adapter trained far_patch_embedding (a chunk_partition longer than "
+                         f"full_chunk_limit), this FAR student has chunk_partition "
+                         f"{tuple(model.config.chunk_partition)} / full_chunk_limit {model.config.full_chunk_limit}"
+                         " (pass the student.* it was trained with)")
     if missing or unexpected:
         raise ValueError(f"{path}: adapter keys do not match student.lora_* (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
@@ -182,7 +219,22 @@ def state_to_peft_keys(model, state: dict[str, torch.Tensor], name: str = STUDEN
     """Map a {full parameter name: tensor} dict of adapter ``name`` (as trainers keep EMA weights) to the saved
     peft format."""
     tag = f".{name}"
-    return {k.replace(tag, ""): v for k, v in state.items()}
+    return {k.replace(f".{SAVED}.{name}.", ".").replace(tag, ""): v for k, v in state.items()}
+
+
+def unwrap_full_modules(model, name: str = STUDENT):
+    """Replace each module adapter ``name`` trains in full (peft's ``ModulesToSaveWrapper``) by its trained copy —
+    the merge of those modules (diffusers' ``fuse_lora``/``unload_lora`` leave the wrapper, whose state-dict keys
+    no plain model loads). Returns ``model``."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for n, m in wrapped:
+        if name not in m.modules_to_save:
+            raise ValueError(f"{n}: adapter {name!r} has no trained copy (has {list(m.modules_to_save)})")
+        parent = model.get_submodule(n.rpartition(".")[0]) if "." in n else model
+        setattr(parent, n.rpartition(".")[2], m.modules_to_save[name])
+    return model
 
 
 def load_student(teacher_transformer, scfg: Student, adapter_path: Optional[str | Path] = None,

@@ -95,30 +95,36 @@ def student_with_adapter(teacher_transformer, cfg: Config, adapter_path: Path, s
 def merge_adapter(model, adapter: str = ADAPTER):
     """Fold ``W ← W + (α/r)·B·A`` into the base weights and drop the LoRA layers: peft ``merge_and_unload`` for a
     ``PeftModel`` wrapper, diffusers ``fuse_lora`` + ``unload_lora`` for adapters added with ``add_adapter``."""
+    from anyflow.models.student import unwrap_full_modules
+
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload(adapter_names=[adapter])
     else:
         model.fuse_lora(adapter_names=[adapter])
         model.unload_lora()
-    leftover = [n for n, _ in model.named_parameters() if "lora_" in n]
+        unwrap_full_modules(model, adapter)  # FAR: the adapter's far_patch_embedding replaces the base one
+    leftover = [n for n, _ in model.named_parameters() if "lora_" in n or ".modules_to_save." in n]
     if leftover:
         raise RuntimeError(f"merge left LoRA parameters behind: {leftover[:3]}")
     return model
 
 
 def far_student(cfg: Config, adapter_path: Path):
-    """``cfg.student`` for a FAR adapter: ``architecture: far`` and the ``chunk_partition`` it was trained with
-    (adapter metadata, else ``student.chunk_partition``)."""
+    """``cfg.student`` for a FAR adapter: ``architecture: far`` and the ``chunk_partition`` (and
+    ``full_chunk_limit``) it was trained with (adapter metadata, else ``student.*``)."""
     from dataclasses import replace
 
     from anyflow.models.student import adapter_metadata
 
-    meta = adapter_metadata(adapter_path).get("chunk_partition")
+    metadata = adapter_metadata(adapter_path)
+    meta = metadata.get("chunk_partition")
     try:
         partition = tuple(int(c) for c in meta.split(",")) if meta else tuple(cfg.student.chunk_partition)
+        limit = int(metadata.get("full_chunk_limit", cfg.student.full_chunk_limit))
     except ValueError:
-        raise ValueError(f"{adapter_path}: metadata chunk_partition {meta!r} is not comma-separated integers") from None
-    return replace(cfg.student, architecture="far", chunk_partition=partition)
+        raise ValueError(f"{adapter_path}: metadata chunk_partition {meta!r} / full_chunk_limit "
+                         f"{metadata.get('full_chunk_limit')!r} are not integers") from None
+    return replace(cfg.student, architecture="far", chunk_partition=partition, full_chunk_limit=limit)
 
 
 def far_probe(model, p: dict) -> "torch.Tensor":

@@ -123,7 +123,8 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     import torch
 
     from anyflow.data.shards import Batch, ShardSet
-    from anyflow.models.student import STUDENT, add_lora, save_adapter, state_to_peft_keys, student_from_teacher
+    from anyflow.models.student import (STUDENT, add_lora, adapter_parameters, save_adapter, state_to_peft_keys,
+                                        student_from_teacher)
     from anyflow.train.common import write_loss_csv
     from anyflow.train.stage1 import LOSS_COLUMNS, FlowMapTrainer
 
@@ -144,7 +145,7 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     teacher_err = teacher_identity_error(model, teacher, data)
     if cfg.student.delta_init == "copy" and teacher_err > 1e-4:
         raise RuntimeError(f"student at r = t differs from the teacher by {teacher_err:.2e} before training")
-    init_state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    init_state = {n: p.detach().clone() for n, p in adapter_parameters(model, STUDENT).items()}
 
     def data_fn(generator: torch.Generator):
         idx = torch.randint(data.latents.shape[0], (s1.batch_size,), generator=generator)
@@ -174,6 +175,7 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
             "architecture": cfg.student.architecture}
     if cfg.student.architecture == "far":
         meta["chunk_partition"] = ",".join(str(c) for c in cfg.student.chunk_partition)
+        meta["full_chunk_limit"] = cfg.student.full_chunk_limit
     ema = trainer.ema_state()
     save_adapter(model, adapter_path, STUDENT, metadata=meta)
     save_adapter(model, ema_path, STUDENT, state=state_to_peft_keys(model, ema), metadata=meta)
