@@ -186,6 +186,11 @@ class Stage1:
     # = the frozen teacher's instantaneous velocity at (z_t, t, text) — its expectation, so the same target without
     # the sampling noise (one more no-grad forward per step). Domain training always uses "data".
     velocity_target: Literal["data", "teacher"] = "data"
+    # the guided (w ≠ 1) rows' target: "reference" = NVlabs/AnyFlow train_bidirection (dF/dt along the conditional
+    # v, fused with the mean u_∅(t, r); its zero on r ≠ t rows is not the exact CFG-guided flow map), "meanflow" =
+    # MeanFlow's CFG recipe in fused form (dF/dt along v_w = w·v + (1 − w)·v_∅, target += ((1 − w)/w)·(v_∅ − u_∅),
+    # v_∅ = u_∅(t, t): zero at the exact guided flow map; one more no-grad forward on guided r ≠ t rows)
+    guidance_target: Literal["reference", "meanflow"] = "reference"
     text_dropout: float = 0.1
     adaptive_c: float = 1e-5
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
