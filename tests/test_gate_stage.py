@@ -31,6 +31,16 @@ def _setup(root, cfg, teacher_path, paradigm="flowmap"):
     save_adapter(model, out, metadata={"paradigm": paradigm, "steps": 0})
 
 
+def _tiny_fvd_net(root, cfg):
+    """artifacts/fvd_net: a toy FVD network trained for a few steps at the fixture's video geometry."""
+    from anyflow.eval import toy_fvd
+
+    v = cfg.video
+    clips = toy_fvd.make_clips(48, seed=0, tag=0, num_frames=v.num_frames, height=v.height, width=v.width)
+    net, _ = toy_fvd.train(clips, seed=0, steps=10, batch_size=16, lr=3e-3, width=8, feature_dim=16)
+    toy_fvd.save_fvd_net(net, root / "artifacts" / "fvd_net" / "model.safetensors")
+
+
 def _cfg(cfg, **policy):
     pol = GatePolicy(**{"total_tolerance": 0.02, "monotone_tolerance": 0.01, "monotone_from_nfe": 2,
                         "semantic_floors": {"color": 0.0}, **policy})
@@ -51,6 +61,7 @@ def gate_run(toy_teacher_dir, tmp_path_factory):
     try:
         _setup(root, cfg, teacher_path)
         _setup(root, cfg, teacher_path, paradigm="consistency")
+        _tiny_fvd_net(root, cfg)
         strict = _cfg(cfg, total_tolerance=-1.0)
         args = type("A", (), dict(candidate="stage1", paradigm=None, compare=["stage1_consistency"], out="gate",
                                   no_progress=True))
@@ -164,3 +175,25 @@ def test_preview_grid_places_each_clip():
     assert (g[:, 0] == 255).all() and (g[:, :, 1] == 255).all()  # the gaps stay white
     with pytest.raises(ValueError, match="differ in shape"):
         preview_grid({"a": a, "b": b[:, :2]})
+
+
+def test_toy_fvd_is_reported_beside_total(gate_run):
+    """With artifacts/fvd_net present every row carries the toy FVD to the procedural clips and (after the
+    teacher's own row) to the teacher's samples; the zero-LoRA student's samples from the teacher's noises approach
+    the teacher's, so its FVD to the teacher falls from 1 to 50 steps; metrics, summary and the policy read it."""
+    from anyflow.eval.gate import fidelity_value
+
+    root, *_ = gate_run
+    report = read_json(root / "artifacts/gate/report.json")
+    assert set(report["teacher"]["fidelity"]["fvd"]) == {"procedural"}
+    by_nfe = report["candidate"]["by_nfe"]
+    to_teacher = {int(n): r["fidelity"]["fvd"]["teacher"] for n, r in by_nfe.items()}
+    assert to_teacher[50] < to_teacher[1], to_teacher
+    for n, r in by_nfe.items():
+        assert fidelity_value(r, "fvd") == r["fidelity"]["fvd"]["procedural"] >= 0.0
+        assert fidelity_value(r, "fvd.teacher") == r["fidelity"]["fvd"]["teacher"]
+    metrics = read_json(root / "metrics/gate.json")
+    assert metrics["candidate"]["fvd"] == {n: r["fidelity"]["fvd"]["procedural"] for n, r in by_nfe.items()}
+    assert metrics["teacher_fvd"] == report["teacher"]["fidelity"]["fvd"]["procedural"]
+    summary = (root / "artifacts/gate/summary.md").read_text()
+    assert "toy FVD" in summary and f"{by_nfe['4']['fidelity']['fvd']['procedural']:.3f}" in summary

@@ -60,12 +60,16 @@ def dead_dimensions(teacher_dims: Mapping[str, float], rows: Iterable[Mapping[st
 
 def fidelity_value(entry: Mapping, metric: str) -> Optional[float]:
     """The lower-is-better fidelity number ``metric`` of one NFE entry: ``entry[metric]`` (a number, or a dict with
-    ``"value"``: how a later metric such as the toy FVD may be recorded) or else ``entry["fidelity"][metric]``."""
+    ``"value"``) or else ``entry["fidelity"][metric]``, where a dict (the gate's toy FVD, ``{"procedural": d,
+    "teacher": d}``) gives its ``procedural`` distance; ``fvd.teacher`` names a key of it."""
+    name, _, key = metric.partition(".")
     v = entry.get(metric)
     if isinstance(v, Mapping):
         v = v.get("value")
     if v is None:
-        v = (entry.get("fidelity") or {}).get(metric)
+        v = (entry.get("fidelity") or {}).get(name)
+        if isinstance(v, Mapping):
+            v = v.get(key or "procedural")
     return None if v is None else float(v)
 
 

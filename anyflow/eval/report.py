@@ -15,7 +15,7 @@ import numpy as np
 from anyflow.utils.io import atomic_write_bytes, atomic_write_text
 
 STEP_COLUMNS = ("nfe", "model", "total", "quality", "semantic", "color", "shape", "direction", "latent_distance",
-                "frechet")
+                "frechet", "fvd")
 
 
 BUDGET_MODEL = "teacher_n_steps"  # the teacher at N Euler steps × CFG, one row per gate NFE N
@@ -40,7 +40,8 @@ def _row(nfe: int, model: str, r: Mapping) -> dict:
     dims, fid = r.get("dimensions", {}), r.get("fidelity", {})
     return {"nfe": nfe, "model": model, "total": r["total"], "quality": r["quality"], "semantic": r["semantic"],
             "color": dims.get("color"), "shape": dims.get("shape"), "direction": dims.get("direction"),
-            "latent_distance": fid.get("latent_distance", 0.0), "frechet": fid.get("frechet", 0.0)}
+            "latent_distance": fid.get("latent_distance", 0.0), "frechet": fid.get("frechet", 0.0),
+            "fvd": (fid.get("fvd") or {}).get("procedural")}
 
 
 def write_steps_csv(report: Mapping, path: str | Path) -> Path:
@@ -121,8 +122,8 @@ def summary_markdown(report: Mapping) -> str:
     if dead:
         out += ["Dropped from Quality / Semantic / Total (dead dimensions): "
                 + "; ".join(f"`{d}` — {why}" for d, why in dead.items()), ""]
-    out += ["| model | NFE | Total | Quality | Semantic | colour | shape | direction | latent dist. | Fréchet |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out += ["| model | NFE | Total | Quality | Semantic | colour | shape | direction | latent dist. | Fréchet | toy FVD |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in step_rows(report):
         out.append("| " + " | ".join([r["model"], str(r["nfe"])] + [
             "" if r[k] is None else f"{r[k]:.3f}" for k in STEP_COLUMNS[2:]]) + " |")

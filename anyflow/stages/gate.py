@@ -154,8 +154,43 @@ def _batched(fn, n: int, progress, desc: str):
     return torch.cat(out)
 
 
-def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes") -> dict:
-    """VBench-style dimensions + aggregation + fidelity for one set of samples (``domain`` picks the scorers)."""
+class ToyFVD:
+    """The toy FVD of the gate's samples (:mod:`anyflow.eval.toy_fvd`, DVC stage ``fvd_net``): Fréchet distance in
+    the trained video network's features to the procedural clips of the gate's specs (``procedural``: distance to
+    the data) and to the teacher's reference samples (``teacher``: distance to what the student distils)."""
+
+    def __init__(self, net, specs, seed: int, video):
+        from anyflow.eval import toy_fvd
+
+        self.net = net
+        self.reference = net.features(toy_fvd.reference_clips(specs, seed=seed, video=video))
+        self.teacher = None
+
+    @classmethod
+    def load(cls, root: Path, specs, seed: int, video) -> Optional["ToyFVD"]:
+        """From ``<root>/fvd_net`` (the pipeline's dependency); None, with a warning, where it was never trained."""
+        from anyflow.eval import toy_fvd
+
+        if not (root / "fvd_net" / "model.safetensors").is_file():
+            log.warning("gate: no %s — the toy FVD is not reported (train it: anyflow fvd-net)",
+                        root / "fvd_net" / "model.safetensors")
+            return None
+        return cls(toy_fvd.load_fvd_net(root / "fvd_net"), specs, seed, video)
+
+    def __call__(self, frames) -> dict:
+        from anyflow.eval import toy_fvd
+
+        f = self.net.features(frames)
+        out = {"procedural": toy_fvd.frechet_distance(self.reference, f)}
+        if self.teacher is not None:
+            out["teacher"] = toy_fvd.frechet_distance(self.teacher, f)
+        return out
+
+
+def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes",
+          fvd: Optional[ToyFVD] = None) -> dict:
+    """VBench-style dimensions + aggregation + fidelity for one set of samples (``domain`` picks the scorers;
+    ``fvd``: the toy FVD beside them, under ``fidelity.fvd``)."""
     from anyflow.eval import driving_scorers, fidelity, vbench_like
 
     scorer = driving_scorers if domain == "driving" else vbench_like
@@ -163,6 +198,8 @@ def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes") ->
     agg = vbench_like.aggregate(scored["dimensions"])
     fid = {"latent_distance": fidelity.latent_distance(x, x_teacher),
            "frechet": fidelity.frechet_distance(fidelity.video_features(list(frames)), teacher_feats)}
+    if fvd is not None:
+        fid["fvd"] = fvd(frames)
     return {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"],
             "dimensions": scored["dimensions"], "normalized": agg["normalized"], "fidelity": fid}
 
@@ -263,7 +300,10 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     seconds["teacher_sampling"] = time.perf_counter() - t0
     frames_teacher = decode(x_teacher)
     teacher_feats = fidelity.video_features(list(frames_teacher))
-    teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats)
+    fvd = ToyFVD.load(paths.root, specs, g.seed, cfg.video)
+    teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats, fvd=fvd)
+    if fvd is not None:
+        fvd.teacher = fvd.net.features(frames_teacher)
     teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale,
                    guidance_convention=GUIDANCE_CONVENTION, nfe=cfg_nfe(g.teacher_steps, g.teacher_guidance_scale))
     budget = {}  # the teacher at the same budget: N Euler steps × CFG per gate NFE N (same noises)
@@ -271,7 +311,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
         t0 = time.perf_counter()
         x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG")
         sampling = time.perf_counter() - t0
-        budget[str(nfe)] = score(decode(x), specs, x, x_teacher, teacher_feats)
+        budget[str(nfe)] = score(decode(x), specs, x, x_teacher, teacher_feats, fvd=fvd)
         budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale),
                                 sampling_seconds=sampling)
 
@@ -288,7 +328,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
                              n, bar, f"{name} N={nfe}")
             sampling = time.perf_counter() - t0
             frames = decode(x)
-            by_nfe[str(nfe)] = score(frames, specs, x, x_teacher, teacher_feats)
+            by_nfe[str(nfe)] = score(frames, specs, x, x_teacher, teacher_feats, fvd=fvd)
             by_nfe[str(nfe)]["sampling_seconds"] = sampling
             if g.use_vbench:
                 by_nfe[str(nfe)]["vbench"] = real_vbench(frames, specs, paths.root / f"{out_name}_vbench",
@@ -361,7 +401,14 @@ def metrics_of(report: dict) -> dict:
     def series(entry: dict) -> dict:
         return {k: {n: r[k] for n, r in entry["by_nfe"].items()} for k in ("total", "semantic")} | {
             "latent_distance": {n: r["fidelity"]["latent_distance"] for n, r in entry["by_nfe"].items()},
-            "fidelity": {n: fidelity_value(r, metric) for n, r in entry["by_nfe"].items()}}
+            "fidelity": {n: fidelity_value(r, metric) for n, r in entry["by_nfe"].items()}} | fvd_series(entry)
+
+    def fvd_series(entry: dict) -> dict:
+        rows = entry["by_nfe"]
+        if not all("fvd" in r["fidelity"] for r in rows.values()):
+            return {}
+        return {"fvd": {n: r["fidelity"]["fvd"]["procedural"] for n, r in rows.items()},
+                "fvd_to_teacher": {n: r["fidelity"]["fvd"].get("teacher") for n, r in rows.items()}}
 
     t = report["teacher"]
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
@@ -372,7 +419,9 @@ def metrics_of(report: dict) -> dict:
     return {"passed": report["passed"], "failed": report["failed"], **({"drift": drift} if drift else {}),
             "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"],
                         "guidance_scale": t["guidance_scale"]},
-            "teacher_at_budget": {"total": {n: r["total"] for n, r in report["teacher_at_budget"]["by_nfe"].items()}},
+            **({"teacher_fvd": t["fidelity"]["fvd"]["procedural"]} if "fvd" in t["fidelity"] else {}),
+            "teacher_at_budget": {"total": {n: r["total"] for n, r in report["teacher_at_budget"]["by_nfe"].items()},
+                                  **fvd_series(report["teacher_at_budget"])},
             "dead_dimensions": sorted(report.get("dead_dimensions", {})), "fidelity_metric": metric,
             "candidate": {"paradigm": report["candidate"]["paradigm"], **series(report["candidate"])},
             "baselines": {k: {"paradigm": v["paradigm"], **series(v)} for k, v in report["baselines"].items()},
