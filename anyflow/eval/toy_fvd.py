@@ -152,6 +152,37 @@ def fvd_against(reference_videos, videos, net: VideoNet) -> float:
     return frechet_distance(net.features(reference_videos), net.features(videos))
 
 
+class Realism:
+    """Per-clip *realism* in VBench's aesthetic-quality slot (VBench: the LAION aesthetic predictor, a learned
+    model): how typical a clip's features are of procedural clips of the same specs. A Gaussian (mean μ, covariance
+    Σ shrunk by ``shrink`` towards its mean eigenvalue) is fitted to the features of ``repeats`` procedural renders
+    of every spec; a clip with squared Mahalanobis distance d² scores ``min(1, D / d²)`` (D the feature dimension,
+    the expected d² of a clip from the fitted distribution). Measured on /work/clone's teacher (96 held-out clips,
+    fitted on 4 × 96 renders): procedural 1.00, blur σ 2 px 0.999 (the sharpness dimension sees blur), teacher
+    1 step × CFG 0.27, 2 steps 0.88, 8 steps 0.93, 50 steps 0.93 — it sees what the hand-made dimensions miss, the
+    faint smeared blob of a one-step sample (toy FVD 325 against 18 for 50 steps)."""
+
+    def __init__(self, net: VideoNet, reference_videos, shrink: float = 0.01):
+        f = net.features(reference_videos)
+        if f.shape[0] <= 1:
+            raise ValueError("Realism: needs at least 2 reference clips")
+        d = f.shape[1]
+        cov = torch.cov(f.T)
+        cov = (1.0 - shrink) * cov + shrink * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
+        self.net, self.mean, self.precision, self.dim = net, f.mean(0), torch.linalg.inv(cov), d
+
+    @classmethod
+    def fit(cls, net: VideoNet, specs: Sequence, seed: int, video, repeats: int = 4) -> "Realism":
+        """Fitted on ``repeats`` procedural renders of every spec (:func:`reference_clips`, seed ``seed``)."""
+        return cls(net, reference_clips(list(specs) * repeats, seed, video))
+
+    def __call__(self, videos) -> np.ndarray:
+        """float64 (N,) per-clip scores in (0, 1]."""
+        g = self.net.features(videos) - self.mean
+        d2 = ((g @ self.precision) * g).sum(1).clamp_min(1e-12)
+        return torch.clamp(self.dim / d2, max=1.0).numpy()
+
+
 # --------------------------------------------------------------------------------------------------- data
 def label_of(spec) -> dict[str, int]:
     """Class ids of a toy (shapes) or driving spec for every head in :data:`LABELS`."""

@@ -30,6 +30,10 @@ Dimensions (every score in [0, 1], higher is better; a clip is ``uint8 (F, H, W,
   Gaussian blur of σ = 1 px ≈ 0.33, σ = 2 px ≈ 0.22; noise in the band lowers it too (Σ|∇x| grows faster than
   Σ|∇x|²). Weight-free; it needs the spec only for the reference render (as the semantic dimensions need it for
   the ground truth).
+* ``aesthetic quality`` slot ← our *realism* (VBench: the LAION aesthetic predictor, a learned model), only where a
+  :class:`anyflow.eval.toy_fvd.Realism` is passed (the gate and its sanity stage, from ``artifacts/fvd_net``): per
+  clip ``min(1, D / d²)``, d² the Mahalanobis distance of the clip's toy-FVD features to those of procedural renders
+  of the same specs — it sees the faint smeared blob of a one-step sample that the hand-made dimensions pass.
 * semantic: ``color`` ← toy colour accuracy (VBench "color"); ``object class`` ← toy shape accuracy;
   ``direction`` ← toy direction accuracy (no VBench counterpart; weight 1, range [0, 1]); ``road scene`` ← the
   driving domain's lane-marking check (:mod:`anyflow.eval.driving_scorers`; VBench "scene" on an accuracy scale).
@@ -38,8 +42,8 @@ Aggregation (Vchitect/VBench ``scripts/constant.py`` + ``scripts/cal_final_score
 normalised with VBench's constants, ``n = (s − Min) / (Max − Min)`` (no clamping, as in VBench); Quality Score and
 Semantic Score are the DIM_WEIGHT-weighted means of the normalised quality / semantic dimensions present; Total =
 (QUALITY_WEIGHT·Quality + SEMANTIC_WEIGHT·Semantic) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT) = (4·Q + 1·S) / 5.
-Dimensions VBench has but we cannot compute without weights (aesthetic quality, …) are absent and the
-weighted means run over the dimensions present.
+Dimensions VBench has but we cannot compute (multiple objects, …) are absent and the weighted means run over the
+dimensions present.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ BG_TOL = 30.0  # RGB L2 distance to the background colour that still counts as c
 TOY_TO_VBENCH = {"temporal_flickering": "temporal flickering", "subject_consistency": "subject consistency",
                  "motion_smoothness": "motion smoothness", "dynamic_degree": "dynamic degree",
                  "background_cleanliness": "background consistency", "color": "color", "shape": "object class",
-                 "direction": "direction", "road_scene": "road scene", "imaging_quality": "imaging quality"}
+                 "direction": "direction", "road_scene": "road scene", "imaging_quality": "imaging quality",
+                 "aesthetic_quality": "aesthetic quality"}
 EDGE_BAND = 3  # px around the subject in which the sharpness dimension reads gradients
 
 
@@ -251,8 +256,9 @@ def imaging_quality(frames: np.ndarray, spec: "toy.Spec") -> float:
 
 
 # --- over a set of videos --------------------------------------------------------------------------------------------
-def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"]) -> dict:
+def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"], realism=None) -> dict:
     """Raw toy dimension scores (means over videos) keyed by toy name, plus per-clip semantic records.
+    ``realism`` (:class:`anyflow.eval.toy_fvd.Realism`, a learned per-clip score): adds ``aesthetic_quality``.
 
     Returns ``{"dimensions": {toy_name: score}, "clips": [score_clip(...) + quality dims per clip]}``.
     """
@@ -267,12 +273,17 @@ def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"]) -> d
                    subject_consistency(v), motion_smoothness=motion_smoothness(v), dynamic=int(is_dynamic(v)),
                    background_cleanliness=background_cleanliness(v), imaging_quality=imaging_quality(v, s))
         clips.append(rec)
+    if realism is not None:
+        for rec, r in zip(clips, realism(list(videos))):
+            rec["aesthetic_quality"] = float(r)
     mean = lambda k: float(np.mean([c[k] for c in clips]))  # noqa: E731
     dims = {"temporal_flickering": mean("temporal_flickering"), "subject_consistency": mean("subject_consistency"),
             "motion_smoothness": mean("motion_smoothness"), "dynamic_degree": mean("dynamic"),
             "background_cleanliness": mean("background_cleanliness"), "imaging_quality": mean("imaging_quality"),
             "color": mean("color"),
             "shape": mean("shape"), "direction": mean("direction")}
+    if realism is not None:
+        dims["aesthetic_quality"] = mean("aesthetic_quality")
     return {"dimensions": dims, "clips": clips}
 
 

@@ -157,7 +157,8 @@ def _batched(fn, n: int, progress, desc: str):
 class ToyFVD:
     """The toy FVD of the gate's samples (:mod:`anyflow.eval.toy_fvd`, DVC stage ``fvd_net``): Fréchet distance in
     the trained video network's features to the procedural clips of the gate's specs (``procedural``: distance to
-    the data) and to the teacher's reference samples (``teacher``: distance to what the student distils)."""
+    the data) and to the teacher's reference samples (``teacher``: distance to what the student distils); and the
+    per-clip realism dimension (:class:`anyflow.eval.toy_fvd.Realism`, VBench's aesthetic-quality slot)."""
 
     def __init__(self, net, specs, seed: int, video):
         from anyflow.eval import toy_fvd
@@ -165,6 +166,8 @@ class ToyFVD:
         self.net = net
         self.reference = net.features(toy_fvd.reference_clips(specs, seed=seed, video=video))
         self.teacher = None
+        # the realism dimension's reference: other renders of the same specs than the FVD's
+        self.realism = toy_fvd.Realism.fit(net, specs, seed + 1, video)
 
     @classmethod
     def load(cls, root: Path, specs, seed: int, video) -> Optional["ToyFVD"]:
@@ -193,8 +196,10 @@ def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes",
     ``fvd``: the toy FVD beside them, under ``fidelity.fvd``)."""
     from anyflow.eval import driving_scorers, fidelity, vbench_like
 
-    scorer = driving_scorers if domain == "driving" else vbench_like
-    scored = scorer.score_videos(list(frames), specs)
+    if domain == "driving":
+        scored = driving_scorers.score_videos(list(frames), specs)
+    else:
+        scored = vbench_like.score_videos(list(frames), specs, realism=fvd.realism if fvd is not None else None)
     agg = vbench_like.aggregate(scored["dimensions"])
     fid = {"latent_distance": fidelity.latent_distance(x, x_teacher),
            "frechet": fidelity.frechet_distance(fidelity.video_features(list(frames)), teacher_feats)}
