@@ -189,8 +189,11 @@ class Stage1:
     # the guided (w ≠ 1) rows' target: "reference" = NVlabs/AnyFlow train_bidirection (dF/dt along the conditional
     # v, fused with the mean u_∅(t, r); its zero on r ≠ t rows is not the exact CFG-guided flow map), "meanflow" =
     # MeanFlow's CFG recipe in fused form (dF/dt along v_w = w·v + (1 − w)·v_∅, target += ((1 − w)/w)·(v_∅ − u_∅),
-    # v_∅ = u_∅(t, t): zero at the exact guided flow map; one more no-grad forward on guided r ≠ t rows)
-    guidance_target: Literal["reference", "meanflow"] = "reference"
+    # v_∅ = u_∅(t, t): zero at the exact guided flow map; one more no-grad forward on guided r ≠ t rows). Default
+    # "meanflow", a deliberate difference from the reference measured in README ("Training math against the
+    # reference"): toy stage 1, two seeds, lower paired distance to the teacher's CFG sample at every NFE 1-32 and
+    # about half the latent Fréchet distance at NFE 2-32 (worse only on Fréchet at NFE 1)
+    guidance_target: Literal["reference", "meanflow"] = "meanflow"
     text_dropout: float = 0.1
     adaptive_c: float = 1e-5
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

@@ -1,5 +1,5 @@
-"""Distillation: synthesize → stage1 (+ consistency baseline) → stage2 → gate → export → promote (only on a
-passing gate).
+"""Distillation: synthesize → stage1 (+ consistency baseline) → stage2 → fvd_net, gate_sanity → gate → export →
+promote (only on a passing gate).
 
 Every step is a DVC stage run by a thin task (``tasks/stages.py``); this file is only the order. Run locally::
 
@@ -35,6 +35,8 @@ def distill(repo: str = ".", num_shards: int = 1, train_teacher: bool = False, r
     run_stage("stage1", repo, cmds)
     run_stage("stage1_consistency", repo, cmds)  # the baseline the gate reports beside the candidate
     run_stage("stage2", repo, cmds)
+    run_stage("fvd_net", repo, cmds)  # the toy FVD / realism network the gate scores with
+    run_stage("gate_sanity", repo, cmds)  # report-only: its verdict is in metrics/gate_sanity.json
     gate = run_gate(repo, cmds)
     if not gate["passed"]:
         return {"promoted": None, "gate": gate}

@@ -16,7 +16,8 @@ if str(ROOT) not in sys.path:  # tasks/ and flows/ live at the repository root
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate", "export")
+STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_sanity", "gate",
+          "export")
 LENIENT = {"total_tolerance": 10.0, "monotone_tolerance": 10.0, "monotone_from_nfe": 2, "semantic_floors": {},
            "fidelity_rel_tolerance": 10.0, "beat_teacher_up_to_nfe": 0}  # [J] the criteria added since, lenient too
 TINY = {
@@ -29,7 +30,7 @@ TINY = {
     "fvd": {"train_clips": 128, "heldout_clips": 32, "steps": 30, "batch_size": 16, "width": 8, "feature_dim": 32,
             "sanity_clips": 64, "noise_stds": [16.0, 48.0]},
     "gate": {"nfes": [1, 2, 4], "teacher_steps": 4, "num_prompts": 2, "seeds_per_prompt": 1, "num_previews": 1,
-             "policy": LENIENT},
+             "policy": LENIENT, "sanity": {"seeds_per_prompt": 2}},
 }
 
 
