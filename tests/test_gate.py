@@ -131,3 +131,18 @@ def test_aggregate_drops_dead_dimensions_from_total():
     # every semantic dimension dead: Total is Quality alone (not None, not a constant)
     all_sem = V.aggregate(scores, drop=("color", "shape", "direction"))
     assert all_sem["semantic"] is None and all_sem["total"] == pytest.approx(all_sem["quality"])
+
+
+def test_outputs_survive_a_group_dropped_whole(tmp_path):
+    """When every semantic dimension is dead (a teacher below the accuracy floor on all of them), Semantic is None
+    and Total is Quality alone: the plot leaves the Semantic panel's points out and the summary shows blanks, instead
+    of crashing after the report was computed (found by the e2e pipeline on its 10-step teacher)."""
+    from anyflow.eval.report import summary_markdown, write_step_plot
+
+    row = lambda total: {"total": total, "quality": total, "semantic": None, "dimensions": {},  # noqa: E731
+                         "fidelity": {"latent_distance": 0.5}}
+    report = {"teacher": {**row(0.8), "nfe": 100}, "candidate": {"by_nfe": {"1": row(0.7), "4": row(0.75)}},
+              "baselines": {}, "passed": False, "failed": ["total_at_4"], "policy": {"total_tolerance": 0.02}}
+    png = write_step_plot(report, tmp_path / "steps.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| student | 4 | 0.750 | 0.750 |  |" in summary_markdown(report)

@@ -81,10 +81,11 @@ def write_step_plot(report: Mapping, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, ("total", "semantic", "latent_distance"),
                               ("VBench-style Total", "Semantic", "latent RMS distance to teacher")):
-        for m in models:
-            pts = [(r["nfe"], r[key]) for r in rows if r["model"] == m]
-            ax.plot(*zip(*pts), marker="o", label=m)
-        if key != "latent_distance":
+        for m in models:  # a group whose every dimension was dropped as dead is None (README, "The gate")
+            pts = [(r["nfe"], r[key]) for r in rows if r["model"] == m and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        if key != "latent_distance" and teacher[key] is not None:
             ax.axhline(teacher[key], color="k", ls="--", lw=1, label=f"teacher {teacher['nfe']} NFE")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE")
