@@ -146,3 +146,21 @@ def test_outputs_survive_a_group_dropped_whole(tmp_path):
     png = write_step_plot(report, tmp_path / "steps.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| student | 4 | 0.750 | 0.750 |  |" in summary_markdown(report)
+
+
+def test_gate_cli_prints_a_report_without_semantic(monkeypatch, capsys):
+    """The stage's console lines read the same report: Semantic None is said, not formatted (a TypeError there
+    killed the e2e pipeline's gate after it had written its outputs)."""
+    from anyflow.stages import gate
+
+    row = {"total": 0.8, "quality": 0.8, "semantic": None}
+    report = {"teacher": {**row, "steps": 50, "guidance_scale": 5.0, "guidance_convention": "u + w·(c − u)",
+                          "nfe": 100},
+              "teacher_at_budget": {"by_nfe": {"4": row}}, "dead_dimensions": {"color": "teacher below floor"},
+              "candidate": {"paradigm": "flowmap", "by_nfe": {"4": row}}, "baselines": {}, "passed": True,
+              "criteria": [], "failed": []}
+    monkeypatch.setattr(gate, "run", lambda *a, **k: report)
+    args = type("A", (), dict(candidate="stage2", paradigm=None, compare=[], out="gate", no_progress=True))
+    assert gate.main(None, args) == 0
+    out = capsys.readouterr().out
+    assert "semantic dropped: every semantic dimension dead" in out and "gate PASSED" in out

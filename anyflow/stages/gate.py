@@ -438,7 +438,8 @@ def main(cfg: Config, args) -> int:
                  tuple(getattr(args, "drift_nfes", DRIFT_NFES)))
     t = report["teacher"]
     print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g} ({t['guidance_convention']}), {t['nfe']} NFE: "
-          f"Total {t['total']:.4f} (semantic {t['semantic']:.3f})")
+          f"Total {t['total']:.4f} (semantic "
+          f"{'dropped: every semantic dimension dead' if t['semantic'] is None else format(t['semantic'], '.3f')})")
     row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in report["teacher_at_budget"]["by_nfe"].items())
     print(f"teacher N steps × CFG Total by N  {row}")
     for dim, why in report["dead_dimensions"].items():
