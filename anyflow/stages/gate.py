@@ -401,7 +401,7 @@ def metrics_of(report: dict) -> dict:
     """The compact DVC metrics: verdict, failed criteria, Totals per NFE, fidelity at 4 NFE, timings."""
     from anyflow.eval.gate import fidelity_value
 
-    metric = report["policy"].get("fidelity_metric", "latent_distance")
+    metric = report.get("policy", {}).get("fidelity_metric", "latent_distance")  # reports of older versions lack it
 
     def series(entry: dict) -> dict:
         return {k: {n: r[k] for n, r in entry["by_nfe"].items()} for k in ("total", "semantic")} | {
@@ -415,7 +415,7 @@ def metrics_of(report: dict) -> dict:
         return {"fvd": {n: r["fidelity"]["fvd"]["procedural"] for n, r in rows.items()},
                 "fvd_to_teacher": {n: r["fidelity"]["fvd"].get("teacher") for n, r in rows.items()}}
 
-    t = report["teacher"]
+    t, budget = report["teacher"], report.get("teacher_at_budget")
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
                         **{f"delta_{k}": d["last"][k] - d["first"][k] for k in ("quality", "semantic")},
                         "seconds_per_chunk": d["seconds_per_chunk"]} for n, d in entry["drift"].items()}
@@ -423,10 +423,10 @@ def metrics_of(report: dict) -> dict:
              if entry.get("drift")}
     return {"passed": report["passed"], "failed": report["failed"], **({"drift": drift} if drift else {}),
             "teacher": {"total": t["total"], "quality": t["quality"], "semantic": t["semantic"], "nfe": t["nfe"],
-                        "guidance_scale": t["guidance_scale"]},
-            **({"teacher_fvd": t["fidelity"]["fvd"]["procedural"]} if "fvd" in t["fidelity"] else {}),
-            "teacher_at_budget": {"total": {n: r["total"] for n, r in report["teacher_at_budget"]["by_nfe"].items()},
-                                  **fvd_series(report["teacher_at_budget"])},
+                        "guidance_scale": t.get("guidance_scale")},
+            **({"teacher_fvd": t["fidelity"]["fvd"]["procedural"]} if "fvd" in t.get("fidelity", {}) else {}),
+            **({"teacher_at_budget": {"total": {n: r["total"] for n, r in budget["by_nfe"].items()},
+                                      **fvd_series(budget)}} if budget else {}),
             "dead_dimensions": sorted(report.get("dead_dimensions", {})), "fidelity_metric": metric,
             "candidate": {"paradigm": report["candidate"]["paradigm"], **series(report["candidate"])},
             "baselines": {k: {"paradigm": v["paradigm"], **series(v)} for k, v in report["baselines"].items()},
