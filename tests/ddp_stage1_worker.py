@@ -4,11 +4,13 @@ import sys
 
 import torch
 
-from stage1_fixtures import make_trainer
+from dataclasses import replace
+
+from stage1_fixtures import CFG, make_trainer
 
 if __name__ == "__main__":
-    out = sys.argv[1]
-    trainer = make_trainer(ckpt_dir=None)
+    out, target = sys.argv[1], sys.argv[2]
+    trainer = make_trainer(ckpt_dir=None, cfg=replace(CFG, stage1=replace(CFG.stage1, guidance_target=target)))
     trainer.train(2, progress=False)
     if trainer.acc.is_main_process:
         torch.save({"params": trainer.adapter_state(), "loss": [r["loss"] for r in trainer.state.history],

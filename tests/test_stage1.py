@@ -176,21 +176,30 @@ def test_checkpoint_of_another_run_is_refused_not_continued(tmp_path):
 @pytest.mark.slow
 def test_two_rank_ddp_step_equals_one_process(tmp_path):
     """2 gloo ranks with local batch 2 take exactly the steps 1 process takes with batch 4 (global-index split,
-    per-sample seeds, averaged gradients)."""
-    single = make_trainer(None)
+    per-sample seeds, averaged gradients). Run on the reference guided target: under the default 'meanflow' target
+    the central-difference dF/dt is taken along the guided tangent 5v − 4v_∅ (÷ 2·fd_eps), which amplifies float32
+    summation-order differences between batch 2 and batch 4 to 1.7e-5 in 1 of 128 parameters after 2 steps
+    (measured), above this test's 1e-5; the split/seed/averaging machinery under test does not depend on the
+    objective."""
+    from dataclasses import replace
+
+    from stage1_fixtures import CFG
+
+    reference = replace(CFG, stage1=replace(CFG.stage1, guidance_target="reference"))
+    single = make_trainer(None, cfg=reference)
     single.train(2, progress=False)
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     # torchrun, as documented for CPU ranks (`accelerate launch --cpu` starts one process unless MPI is set up);
     # the trainer's Accelerator picks the gloo process group up from torchrun's environment
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(TESTS / "ddp_stage1_worker.py"), str(out)],
+                           "--master_port", "29517", str(TESTS / "ddp_stage1_worker.py"), str(out), "reference"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
     assert ddp["world"] == 2
     a = single.adapter_state()
-    init = make_trainer(None).adapter_state()
+    init = make_trainer(None, cfg=reference).adapter_state()
     moved = max(float((a[n] - init[n]).abs().max()) for n in a)
     assert moved > 1e-3  # the steps are real
     for n in a:  # equal up to float32 summation order (the all-reduce adds the two half-batch gradients)
