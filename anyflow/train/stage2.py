@@ -62,19 +62,11 @@ def adapter_params(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.P
 
 
 def use_adapter(model: torch.nn.Module, adapter: Optional[str], trainable: Optional[str]) -> None:
-    """Route the forward pass through ``adapter`` (None = adapters disabled = the frozen teacher).
+    """Route the forward pass through ``adapter`` (None = adapters disabled = the frozen teacher) with only
+    ``trainable``'s LoRA parameters requiring grad (the base weights never do): :func:`anyflow.models.student.route`."""
+    from anyflow.models.student import route
 
-    peft toggles ``requires_grad`` when adapters are switched; we pin it back so only ``trainable``'s LoRA
-    parameters ever require grad (the base weights never do).
-    """
-    if adapter is None:
-        model.disable_adapters()
-    else:
-        model.enable_adapters()
-        model.set_adapter(adapter)
-    from anyflow.models.student import set_trainable
-
-    set_trainable(model, trainable)
+    route(model, adapter, trainable)
 
 
 def velocity(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable: Optional[str]) -> VelocityFn:
