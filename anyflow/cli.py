@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage1": ("stage1", "forward flow-map training of the any-step student"),
     "stage2": ("stage2", "on-policy flow-map distillation (backward simulation + DMD)"),
     "gate": ("gate", "quality across step budgets; exits non-zero when the gate fails"),
+    "gate-reference": ("gate_reference", "the gate's teacher rows (teacher 50×CFG and N×CFG), computed once"),
     "gate-sanity": ("gate_sanity", "the gate's scorers must rank known-better videos higher; exits 1 if not"),
     "export": ("export", "merge LoRA, save diffusers dir, export ONNX, write the release manifest"),
     "generate": ("generate", "any-step generation from an exported release (torch/onnxruntime/tensorrt)"),
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "print the effective parameters (or write a profile's params.yaml)"),
     "bench": ("bench", "benchmarks recorded as DVC metrics (simulation cost, inference latency)"),
     "fvd-net": ("fvd_net", "train the toy FVD's feature network (distribution fidelity for the gate)"),
+    "repro": ("repro", "dvc repro with independent stages side by side (--jobs, default 2)"),
     "fixture": ("fixture", "write a random-weight test fixture (wan-mini: the Wan2.1-T2V-1.3B-Diffusers layout)"),
 }
 

@@ -16,8 +16,8 @@ if str(ROOT) not in sys.path:  # tasks/ and flows/ live at the repository root
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_sanity", "gate",
-          "export")
+STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference", "gate_sanity",
+          "gate", "export")
 LENIENT = {"total_tolerance": 10.0, "monotone_tolerance": 10.0, "monotone_from_nfe": 2, "semantic_floors": {},
            "fidelity_rel_tolerance": 10.0, "beat_teacher_up_to_nfe": 0}  # [J] the criteria added since, lenient too
 TINY = {

@@ -197,3 +197,30 @@ def test_toy_fvd_is_reported_beside_total(gate_run):
     assert metrics["teacher_fvd"] == report["teacher"]["fidelity"]["fvd"]["procedural"]
     summary = (root / "artifacts/gate/summary.md").read_text()
     assert "toy FVD" in summary and f"{by_nfe['4']['fidelity']['fvd']['procedural']:.3f}" in summary
+
+
+def test_gate_reference_gives_the_same_report(gate_run):
+    """`anyflow gate-reference` then `anyflow gate --reference` writes byte-identical report, summary, previews and
+    metrics to a gate that computes the teacher rows itself; a reference of other settings is refused by name."""
+    from anyflow.stages import gate, gate_reference
+
+    root, cfg, _, _ = gate_run
+    strict = _cfg(cfg, total_tolerance=-1.0)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        kw = dict(candidate="stage1", compare=("stage1_consistency",), progress=False)
+        gate.run(strict, out_name="gate_own", **kw)
+        gate_reference.main(strict, type("A", (), dict(no_progress=True)))
+        ref = root / "artifacts" / "gate_reference"
+        gate.run(strict, out_name="gate_ref", reference=ref, **kw)
+        with pytest.raises(ValueError, match=r"gate\.seed \(reference 1234, now 5\)"):
+            gate.run(replace(strict, gate=replace(strict.gate, seed=5)), out_name="gate_bad", reference=ref, **kw)
+    finally:
+        os.chdir(cwd)
+    own, via = root / "artifacts" / "gate_own", root / "artifacts" / "gate_ref"
+    for name in ("report.json", "summary.md", "previews/grid.png"):
+        assert (own / name).read_bytes() == (via / name).read_bytes(), name
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert strip(read_json(root / "metrics/gate_own.json")) == strip(read_json(root / "metrics/gate_ref.json"))
+    assert not (root / "artifacts" / "gate_bad").exists()

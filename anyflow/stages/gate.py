@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Optional
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths, resolve_adapter, teacher_dir
+from anyflow.stages import gate_reference
+from anyflow.stages.common import StagePaths, resolve_adapter
 from anyflow.utils.io import atomic_dir, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 BATCH = 16
 DRIFT_NFES = (4, 16)
 GUIDANCE_CONVENTION = "u + w·(c − u)"  # what gate.teacher_guidance_scale = w means (anyflow.models.teacher)
+# the offline scorers read toy ground truth (shape colour/direction on a known background); judging Wan2.1 videos needs
+# the policy over real VBench scores on the prompt suite, which is not wired yet
+LOCAL_UNSUPPORTED = ("gate: model.source 'local' (wan profiles) is not supported yet — the offline scorers need the "
+                     "toy domain's ground truth; run real VBench on exported mp4s instead (anyflow.eval.vbench_adapter)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(none: skip)")
     p.add_argument("--report-only", action="store_true",
                    help="exit 0 whatever the verdict (a report, not a gate: nothing downstream is promoted)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="the teacher rows from `anyflow gate-reference` (e.g. artifacts/gate_reference; checked to "
+                        "be of this teacher and these gate settings); default: compute them here")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -248,25 +256,23 @@ def real_vbench(frames, specs, root: Path, name: str, fps: int, device: str) -> 
 
 
 def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
-        out_name: str = "gate", progress: bool = True, drift_nfes: tuple[int, ...] = DRIFT_NFES) -> dict:
+        out_name: str = "gate", progress: bool = True, drift_nfes: tuple[int, ...] = DRIFT_NFES,
+        reference: Optional[str | Path] = None) -> dict:
     """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``). Adapters are
     built for the architecture in their metadata (a FAR adapter samples chunk by chunk with the KV cache, N steps
-    per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length)."""
+    per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length). ``reference``:
+    a directory of ``anyflow gate-reference`` with the teacher rows (else they are computed here, the same way)."""
     from dataclasses import replace
 
     import torch
-    from tqdm.auto import tqdm
 
     from anyflow.data import toy
-    from anyflow.eval import fidelity, gate as policy
+    from anyflow.eval import gate as policy
     from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
     from anyflow.models.student import load_student
-    from anyflow.models.teacher import decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds
     from anyflow.sampling import sample_student
 
     t_start = time.perf_counter()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # as in training: the toy model is too small for intra-op threads to pay
     g, shift = cfg.gate, cfg.model.flow_shift
     paths = StagePaths.of(cfg)
     adapters = {"student": resolve_adapter(paths, candidate)}
@@ -279,48 +285,28 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     archs = {name: architecture_of(path) for name, path in adapters.items()}
 
     if cfg.model.source == "local":
-        # the offline scorers read toy ground truth (shape colour/direction on a known background); judging Wan2.1
-        # videos needs the policy over real VBench scores on the prompt suite, which is not wired yet
-        raise ValueError("gate: model.source 'local' (wan profiles) is not supported yet — the offline scorers "
-                         "need the toy domain's ground truth; run real VBench on exported mp4s instead "
-                         "(anyflow.eval.vbench_adapter)")
+        raise ValueError(LOCAL_UNSUPPORTED)
     if g.use_vbench:  # fail before an hour of sampling, not after
         from anyflow.eval.vbench_adapter import check_available, weights_dir
 
         check_available(weights_dir())
-    pipe = load_teacher(teacher_dir(cfg, paths))
-    specs = eval_set(cfg)
+    student_batches = 2 * len(g.nfes) * len(adapters)
+    pipe, specs, emb, neg, noise, fvd, bar, decode = gate_reference.setup(
+        cfg, progress, out_name, student_batches + (0 if reference else gate_reference.teacher_batches(cfg)))
     n = len(specs)
-    emb = encode_prompts(pipe, toy.prompts(specs), cfg.model.max_text_len)
-    neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
-    noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
-    batches = -(-n // BATCH)
-    bar = tqdm(total=batches * (2 + 2 * len(g.nfes) * (len(adapters) + 1)), desc=out_name, disable=not progress)
-    decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
 
     seconds: dict = {}
     t0 = time.perf_counter()
-    x_teacher = teacher_samples(pipe, noise, emb, neg, g.teacher_steps, g.teacher_guidance_scale, shift, bar,
-                                "teacher")
-    seconds["teacher_sampling"] = time.perf_counter() - t0
-    frames_teacher = decode(x_teacher)
-    teacher_feats = fidelity.video_features(list(frames_teacher))
-    fvd = ToyFVD.load(paths.root, specs, g.seed, cfg.video)
-    teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats, fvd=fvd)
-    if fvd is not None:
-        fvd.teacher = fvd.net.features(frames_teacher)
-    teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale,
-                   guidance_convention=GUIDANCE_CONVENTION, nfe=cfg_nfe(g.teacher_steps, g.teacher_guidance_scale))
-    budget = {}  # the teacher at the same budget: N Euler steps × CFG per gate NFE N (same noises)
-    for nfe in g.nfes:
-        t0 = time.perf_counter()
-        x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG")
-        sampling = time.perf_counter() - t0
-        budget[str(nfe)] = score(decode(x), specs, x, x_teacher, teacher_feats, fvd=fvd)
-        budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale),
-                                sampling_seconds=sampling)
+    if reference:  # the teacher rows of `anyflow gate-reference` (checked to be of this teacher and these settings)
+        ref = gate_reference.load(Path(reference), cfg)
+        if fvd is not None:
+            fvd.teacher = ref.fvd_teacher
+    else:
+        ref = gate_reference.compute(cfg, pipe, specs, emb, neg, noise, fvd, bar, decode)
+    seconds["teacher_rows"] = time.perf_counter() - t0
+    x_teacher, teacher_feats, teacher, budget = ref.x_teacher, ref.teacher_features, ref.teacher, ref.budget
 
-    previews = {f"teacher {teacher['nfe']}": frames_teacher[:g.num_previews]}
+    previews = {f"teacher {teacher['nfe']}": ref.previews}
     results: dict = {}
     for name, path in adapters.items():
         model = load_student(pipe.transformer, replace(cfg.student, architecture=archs[name]), path)
@@ -360,7 +346,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
               "prompts": toy.prompts(specs), "num_samples": n, "seed": g.seed,
               "policy": _policy_dict(g.policy)}
     report["dead_dimensions"] = drop_dead(report, g.policy.teacher_accuracy_floor)
-    report["live_dimensions"] = [d for d in teacher["dimensions"] if d not in report["dead_dimensions"]]
+    report["live_dimensions"] = sorted(d for d in teacher["dimensions"] if d not in report["dead_dimensions"])
     report["criteria"] = policy.check(report, g.policy)
     report["failed"] = [c["name"] for c in report["criteria"] if not c["passed"]]
     report["passed"] = not report["failed"]
@@ -435,7 +421,7 @@ def metrics_of(report: dict) -> dict:
 
 def main(cfg: Config, args) -> int:
     report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress,
-                 tuple(getattr(args, "drift_nfes", DRIFT_NFES)))
+                 tuple(getattr(args, "drift_nfes", DRIFT_NFES)), getattr(args, "reference", None))
     t = report["teacher"]
     print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g} ({t['guidance_convention']}), {t['nfe']} NFE: "
           f"Total {t['total']:.4f} (semantic "
