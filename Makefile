@@ -15,13 +15,15 @@ $(BIN)/anyflow: pyproject.toml
 
 install: $(BIN)/anyflow
 
-# Runs the whole toy pipeline through DVC (embedded default: no GPU, no downloads).
-# The stage commands (`anyflow <stage>`) resolve through the venv's bin, first on PATH.
+# Runs the whole toy pipeline through DVC (embedded default: no GPU, no downloads): `anyflow repro --jobs 2` is
+# `dvc repro` with independent stages on both cores (each stage is `dvc repro --single-item`; `dvc repro` gives the
+# same dvc.lock one stage at a time). The stage commands (`anyflow <stage>`) resolve through the venv's bin.
 # Ends with the gate's verdict, its per-NFE table (artifacts/gate/summary.md) and where the previews are — also when
-# `dvc repro` stopped (a failing gate or gate_sanity exits 1); the exit status is dvc's.
+# a stage failed (a failing gate exits 1: export is skipped); the exit status is the runner's.
+JOBS ?= 2
 demo: install
-	@rc=0; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro || rc=$$?; echo; \
-	if [ $$rc -ne 0 ]; then echo "dvc repro FAILED (exit $$rc): what follows is from the last run of each stage"; fi; \
+	@rc=0; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anyflow repro --jobs $(JOBS) || rc=$$?; echo; \
+	if [ $$rc -ne 0 ]; then echo "repro FAILED (exit $$rc): what follows is from the last run of each stage"; fi; \
 	if [ -f metrics/gate_sanity.json ]; then $(BIN)/python -c "import json; m = json.load(open('metrics/gate_sanity.json')); \
 	print('gate sanity (metrics/gate_sanity.json):', 'PASSED' if m['passed'] else 'FAILED ' + ', '.join(m['failed']))"; fi; \
 	if [ -f artifacts/gate/summary.md ]; then echo; cat artifacts/gate/summary.md; echo; \
