@@ -206,6 +206,7 @@ def test_gate_reference_gives_the_same_report(gate_run):
 
     root, cfg, _, _ = gate_run
     strict = _cfg(cfg, total_tolerance=-1.0)
+    strict = replace(strict, gate=replace(strict.gate, nfes=(1, 2, 16)))  # not in the order of their strings
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -213,14 +214,16 @@ def test_gate_reference_gives_the_same_report(gate_run):
         gate.run(strict, out_name="gate_own", **kw)
         gate_reference.main(strict, type("A", (), dict(no_progress=True)))
         ref = root / "artifacts" / "gate_reference"
-        gate.run(strict, out_name="gate_ref", reference=ref, **kw)
+        via_ref = gate.run(strict, out_name="gate_ref", reference=ref, **kw)
+        assert list(via_ref["teacher_at_budget"]["by_nfe"]) == ["1", "2", "16"]  # the console prints this order
         with pytest.raises(ValueError, match=r"gate\.seed \(reference 1234, now 5\)"):
             gate.run(replace(strict, gate=replace(strict.gate, seed=5)), out_name="gate_bad", reference=ref, **kw)
     finally:
         os.chdir(cwd)
     own, via = root / "artifacts" / "gate_own", root / "artifacts" / "gate_ref"
-    for name in ("report.json", "summary.md", "previews/grid.png"):
+    for name in ("report.json", "summary.md", "previews/grid.png", "previews/columns.txt"):
         assert (own / name).read_bytes() == (via / name).read_bytes(), name
+    assert (root / "plots/gate_own_steps.csv").read_text() == (root / "plots/gate_ref_steps.csv").read_text()
     strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert strip(read_json(root / "metrics/gate_own.json")) == strip(read_json(root / "metrics/gate_ref.json"))
     assert not (root / "artifacts" / "gate_bad").exists()

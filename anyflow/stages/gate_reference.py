@@ -33,7 +33,8 @@ from typing import Optional
 
 from anyflow.config import Config
 from anyflow.stages.common import StagePaths, teacher_dir
-from anyflow.utils.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json, write_safetensors
+from anyflow.utils.io import (_json_default, atomic_dir, atomic_write_text, read_json, sha256_file, sha256_tree,
+                              write_json, write_safetensors)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ def save(ref: Reference, out: Path) -> None:
         tensors["fvd_teacher"] = ref.fvd_teacher.contiguous()
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / FILE, tensors, metadata={"fingerprint": json.dumps(ref.fingerprint, sort_keys=True)})
-        write_json(tmp / ROWS, {"fingerprint": ref.fingerprint, "teacher": ref.teacher, "teacher_at_budget": ref.budget})
+        # insertion order kept (not write_json's sorted keys): the rows are the gate's, in the gate's order
+        atomic_write_text(tmp / ROWS, json.dumps({"fingerprint": ref.fingerprint, "teacher": ref.teacher,
+                                                  "teacher_at_budget": ref.budget}, indent=2, default=_json_default)
+                          + "\n")
 
 
 def _differences(want: dict, got: dict, prefix: str = "") -> list[str]:
@@ -137,8 +141,9 @@ def load(path: Path, cfg: Config) -> Reference:
         raise ValueError(f"{path}: gate reference computed for other inputs: {'; '.join(diff)} "
                          f"(re-run `anyflow gate-reference`, or drop --reference)")
     t = load_file(str(path / FILE))
+    budget = {str(n): rows["teacher_at_budget"][str(n)] for n in cfg.gate.nfes}  # the gate's NFE order
     return Reference(t["x_teacher"], t["teacher_features"], t.get("fvd_teacher"), t["previews"].numpy(),
-                     rows["teacher"], rows["teacher_at_budget"], rows["fingerprint"])
+                     rows["teacher"], budget, rows["fingerprint"])
 
 
 def setup(cfg: Config, progress: bool, desc: str, extra_batches: int = 0):
