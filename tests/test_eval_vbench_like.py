@@ -81,3 +81,16 @@ def test_clean_renders_score_near_top():
     d = r["dimensions"]
     assert d["color"] == d["shape"] == d["direction"] == d["dynamic_degree"] == d["background_cleanliness"] == 1.0
     assert V.aggregate(d)["total"] > 0.95
+
+
+def test_partial_aggregate_totals_the_group_present():
+    """Without any semantic dimension (a prompt-file evaluation set) VBench's Total is undefined (None); with
+    ``partial`` it is the Quality alone — and a dead dimension is still left out of it."""
+    from anyflow.eval.vbench_like import aggregate
+
+    dims = {"temporal_flickering": 0.95, "subject_consistency": 0.9}
+    assert aggregate(dims)["total"] is None
+    agg = aggregate(dims, partial=True)
+    assert agg["semantic"] is None and agg["total"] == agg["quality"] is not None
+    only = aggregate({"temporal_flickering": 0.95}, partial=True)
+    assert aggregate(dims, drop=("subject_consistency",), partial=True)["total"] == only["total"] != agg["total"]

@@ -164,3 +164,14 @@ def test_gate_cli_prints_a_report_without_semantic(monkeypatch, capsys):
     assert gate.main(None, args) == 0
     out = capsys.readouterr().out
     assert "semantic dropped: every semantic dimension dead" in out and "gate PASSED" in out
+
+
+def test_floors_apply_only_to_dimensions_the_evaluation_set_measures():
+    """A prompt-file evaluation set (real models) has no colour/shape/direction: their floors do not apply — and do
+    not fail the gate as missing — while a measured dimension below its floor still fails it."""
+    r = _report(GOOD, sem={"temporal_flickering": 0.9})
+    r["teacher"]["dimensions"] = {"temporal_flickering": 0.95}
+    assert failed_criteria(r, POLICY) == []
+    assert not [c for c in check(r, POLICY) if c["name"].startswith("semantic_floor")]
+    r["teacher"]["dimensions"]["color"] = 0.9  # measured by the set, but missing in the candidate's rows
+    assert failed_criteria(r, POLICY)[:1] == ["semantic_floor_color@4"]

@@ -151,3 +151,56 @@ def test_same_seed_same_tensors(wan_mini, tmp_path):
     other, _ = wan_fixture.build(seed=1)
     assert not torch.equal(other.transformer.proj_out.weight, b["transformer/diffusion_pytorch_model.safetensors:"
                                                                 "proj_out.weight"])
+
+
+def test_gate_scores_a_wan_student_on_a_prompt_file(wan_mini, tmp_path):
+    """[K] item 5 on [J] item 7's evaluation sets: the gate runs on the wan-1.3b profile (model.source: local, Wan's
+    strides, UMT5, a 512-token window) over the prompts of ``data.prompts_file`` — no refusal. It scores what needs
+    no ground truth (VBench's temporal flickering; Total = Quality), fidelity to the teacher, the any-step criteria;
+    the teacher rows of ``anyflow gate-reference`` are the ones the gate computes itself."""
+    import os
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from anyflow.config import build
+    from anyflow.eval import vbench_like
+    from anyflow.models.student import load_student, save_adapter
+    from anyflow.models.teacher import load_teacher
+    from anyflow.stages import gate, gate_reference
+    from anyflow.utils.io import read_json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cfg = build({"model": {"pretrained_dir": str(wan_mini)}, "video": {"num_frames": 5, "height": 32, "width": 32},
+                 "data": {"prompts_file": str(prompts)},
+                 "gate": {"nfes": [1, 2, 4], "teacher_steps": 8, "teacher_guidance_scale": 1.0, "num_prompts": 2,
+                          "seeds_per_prompt": 2, "num_previews": 4, "use_vbench": False}}, profile="wan-1.3b")
+    model = load_student(load_teacher(wan_mini).transformer, cfg.student)  # zero LoRA: the teacher's flow map
+    save_adapter(model, tmp_path / "artifacts/stage1/ema_adapter.safetensors",
+                 metadata={"paradigm": "flowmap", "steps": 0})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        own = gate.run(cfg, candidate="stage1", out_name="gate_own", progress=False)
+        assert gate_reference.main(cfg, type("A", (), dict(no_progress=True))) == 0
+        report = gate.run(cfg, candidate="stage1", progress=False, reference="artifacts/gate_reference")
+    finally:
+        os.chdir(cwd)
+    assert report["evaluation_set"] == "prompts" and report["prompts"] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert report["teacher"]["dimensions"].keys() == {"temporal_flickering"}
+    for row in [report["teacher"], *report["candidate"]["by_nfe"].values()]:
+        assert row["semantic"] is None and row["total"] == row["quality"] is not None
+    # the teacher's temporal flickering is VBench's formula on its decoded clips (all 4 kept as previews)
+    clips = load_file(str(tmp_path / "artifacts/gate_reference/reference.safetensors"))["previews"].numpy()
+    assert clips.shape == (4, 5, 32, 32, 3)
+    want = float(np.mean([vbench_like.temporal_flickering(c) for c in clips]))
+    assert report["teacher"]["dimensions"]["temporal_flickering"] == pytest.approx(want, abs=1e-12)
+    # the zero-LoRA student samples the teacher's own ODE: closer to the teacher's 8-step sample with more steps
+    dist = {int(n): r["fidelity"]["latent_distance"] for n, r in report["candidate"]["by_nfe"].items()}
+    assert dist[4] < dist[2] < dist[1], dist
+    names = {c["name"] for c in report["criteria"]}
+    assert {"total_at_4", "monotone_2_to_4", "fidelity_monotone_2_to_4", "beats_teacher@1"} <= names
+    assert not any(n.startswith("semantic_floor") for n in names)
+    assert read_json(tmp_path / "metrics/gate.json")["passed"] == report["passed"]
+    assert gate.without_timings(own) == gate.without_timings(report)

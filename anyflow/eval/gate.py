@@ -108,10 +108,11 @@ def check(report: Mapping, policy: Any) -> list[dict]:
 
 def _floors(report: Mapping, policy: Any, by_nfe: Mapping[int, Mapping], nfes: list[int]) -> list[dict]:
     dead = report.get("dead_dimensions") or {}
+    measured = report["teacher"].get("dimensions")  # None: a report without the teacher's dimensions (all apply)
     out = []
     for dim, floor in dict(_get(policy, "semantic_floors")).items():
-        if dim in dead:
-            continue
+        if dim in dead or (measured is not None and dim not in measured):
+            continue  # dead, or not a dimension of this evaluation set (a prompt file has no colour ground truth)
         for n in (n for n in nfes if n >= GATE_NFE):
             dims = by_nfe[n].get("dimensions", {})
             v = dims.get(dim)

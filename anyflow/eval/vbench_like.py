@@ -287,7 +287,7 @@ def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"], real
     return {"dimensions": dims, "clips": clips}
 
 
-def aggregate(scores: Mapping[str, float], drop: Sequence[str] = ()) -> dict:
+def aggregate(scores: Mapping[str, float], drop: Sequence[str] = (), partial: bool = False) -> dict:
     """VBench aggregation of raw dimension scores keyed by VBench names (or toy names, mapped via TOY_TO_VBENCH).
 
     n_d = (s_d − Min_d)/(Max_d − Min_d); Quality = Σ_{d∈Q} w_d n_d / Σ_{d∈Q} w_d; Semantic likewise over S;
@@ -295,6 +295,8 @@ def aggregate(scores: Mapping[str, float], drop: Sequence[str] = ()) -> dict:
     any dimension present is None and then so is Total (real VBench's custom_input mode has no semantic dimension).
     ``drop`` (toy or VBench names): dead dimensions left out of the means (the gate's rule,
     :func:`anyflow.eval.gate.dead_dimensions`); when dropping empties a group, Total is the other group alone.
+    ``partial``: a group without any dimension is left out and Total is the other group (the gate's prompt-file
+    evaluation set for real models, :class:`anyflow.eval.sets.PromptSet`, has quality dimensions only).
     """
     dropped = {TOY_TO_VBENCH.get(k, k) for k in drop}
     named = {TOY_TO_VBENCH.get(k, k): float(v) for k, v in scores.items()}
@@ -317,8 +319,9 @@ def aggregate(scores: Mapping[str, float], drop: Sequence[str] = ()) -> dict:
         raise ValueError(f"no live quality or semantic dimension among {sorted(named)} (dropped {sorted(dropped)})")
     emptied_q = q is None and any(k in norm for k in QUALITY_LIST)
     emptied_s = s is None and any(k in norm for k in SEMANTIC_LIST)
-    if emptied_q or emptied_s:  # every dimension of a group was dropped as dead: the other group is the Total
-        total = s if emptied_q else q
+    if emptied_q or emptied_s or (partial and (q is None or s is None)):
+        # every dimension of a group was dropped as dead (or, partial, it has none): the other group is the Total
+        total = q if q is not None else s
     else:  # a group with no dimension (VBench custom_input mode has no semantic ones) is None, and so is Total
         total = None if q is None or s is None else (QUALITY_WEIGHT * q + SEMANTIC_WEIGHT * s) / (
             QUALITY_WEIGHT + SEMANTIC_WEIGHT)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 BATCH = 16
 DRIFT_NFES = (4, 16)
 GUIDANCE_CONVENTION = "u + w·(c − u)"  # what gate.teacher_guidance_scale = w means (anyflow.models.teacher)
-# the offline scorers read toy ground truth (shape colour/direction on a known background); judging Wan2.1 videos needs
-# the policy over real VBench scores on the prompt suite, which is not wired yet
-LOCAL_UNSUPPORTED = ("gate: model.source 'local' (wan profiles) is not supported yet — the offline scorers need the "
-                     "toy domain's ground truth; run real VBench on exported mp4s instead (anyflow.eval.vbench_adapter)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,11 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def eval_set(cfg: Config, domain: str = "shapes"):
     """The fixed held-out specs (prompt i of ``num_prompts`` cycles the held-out split, ``seeds_per_prompt`` each)
     of toy ``domain`` (``shapes``: :mod:`anyflow.data.toy`, ``driving``: :mod:`anyflow.data.driving`)."""
-    from anyflow.data import driving, toy
+    from anyflow.eval.sets import for_config
 
-    _, held = (driving if domain == "driving" else toy).split(cfg.data.seed, cfg.data.heldout_fraction)
-    g = cfg.gate
-    return [held[i % len(held)] for i in range(g.num_prompts) for _ in range(g.seeds_per_prompt)]
+    return for_config(replace(cfg, model=replace(cfg.model, source="toy")), domain=domain).specs
+
+
+def evaluation_set(cfg: Config, root: Optional[Path] = None):
+    """The gate's evaluation set (:mod:`anyflow.eval.sets`): the toy shapes held-out specs with the toy FVD from
+    ``<root>/fvd_net`` where trained, or, for ``model.source: local``, the prompts of ``data.prompts_file``."""
+    from anyflow.eval.sets import for_config
+
+    root = root if root is not None else StagePaths.of(cfg).root
+    return for_config(cfg, lambda specs: ToyFVD.load(root, specs, cfg.gate.seed, cfg.video))
 
 
 def paradigm_of(adapter: Path, cfg: Config, override: Optional[str] = None) -> str:
@@ -118,7 +122,7 @@ def long_partition(partition, factor: int = 2) -> list[int]:
     return out
 
 
-def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition, num_frames: int, specs, decode,
+def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition, num_frames: int, es, decode,
           seed: int) -> dict:
     """FAR drift: videos twice the training length (:func:`long_partition`), chunk by chunk with the KV cache;
     the toy VBench-style Total of the first and of the last training-length window of pixel frames, and the
@@ -127,7 +131,6 @@ def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition
     window — read the Quality delta (per-frame/temporal quality) apart from the Semantic one (direction, motion)."""
     import torch
 
-    from anyflow.eval import vbench_like
     from anyflow.sampling import sample_student
 
     noise = noise_fn(sum(partition))
@@ -141,9 +144,7 @@ def drift(model, paradigm: str, noise_fn, emb, nfe: int, shift: float, partition
     out = {"nfe": nfe, "chunk_partition": partition, "frames": int(frames.shape[1]), "sampling_seconds": seconds,
            "seconds_per_chunk": seconds / (-(-noise.shape[0] // BATCH) * len(partition)), "batch": BATCH}
     for name, window in (("first", frames[:, :num_frames]), ("last", frames[:, -num_frames:])):
-        scored = vbench_like.score_videos(list(window), specs)
-        agg = vbench_like.aggregate(scored["dimensions"])
-        out[name] = {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"]}
+        out[name] = es.window(window)
     out["delta_total"] = out["last"]["total"] - out["first"]["total"]
     bounds = [sum(partition[:k]) for k in range(len(partition) + 1)]
     out["chunk_rms"] = [float(x[:, :, a:b].pow(2).mean().sqrt()) for a, b in zip(bounds, bounds[1:])]
@@ -200,21 +201,11 @@ class ToyFVD:
 
 def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes",
           fvd: Optional[ToyFVD] = None) -> dict:
-    """VBench-style dimensions + aggregation + fidelity for one set of samples (``domain`` picks the scorers;
-    ``fvd``: the toy FVD beside them, under ``fidelity.fvd``)."""
-    from anyflow.eval import driving_scorers, fidelity, vbench_like
+    """VBench-style dimensions + aggregation + fidelity for one set of toy samples (``domain`` picks the scorers;
+    ``fvd``: the toy FVD beside them, under ``fidelity.fvd``): :meth:`anyflow.eval.sets.ToySet.score`."""
+    from anyflow.eval.sets import ToySet
 
-    if domain == "driving":
-        scored = driving_scorers.score_videos(list(frames), specs)
-    else:
-        scored = vbench_like.score_videos(list(frames), specs, realism=fvd.realism if fvd is not None else None)
-    agg = vbench_like.aggregate(scored["dimensions"])
-    fid = {"latent_distance": fidelity.latent_distance(x, x_teacher),
-           "frechet": fidelity.frechet_distance(fidelity.video_features(list(frames)), teacher_feats)}
-    if fvd is not None:
-        fid["fvd"] = fvd(frames)
-    return {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"],
-            "dimensions": scored["dimensions"], "normalized": agg["normalized"], "fidelity": fid}
+    return ToySet(domain, list(specs), fvd).score(frames, x, x_teacher, teacher_feats)
 
 
 def teacher_samples(pipe, noise, emb, neg, steps: int, guidance_scale: float, shift: float, progress, desc: str):
@@ -230,28 +221,30 @@ def cfg_nfe(steps: int, guidance_scale: float) -> int:
     return steps * (1 if guidance_scale == 1 else 2)
 
 
-def drop_dead(report: dict, floor: float) -> dict:
+def drop_dead(report: dict, floor: float, es=None) -> dict:
     """Find the dead dimensions over every row of ``report`` (teacher, teacher at budget, candidate, baselines)
-    and re-aggregate every row's Quality / Semantic / Total without them; returns ``{dim: reason}``."""
+    and re-aggregate every row's Quality / Semantic / Total without them (with the aggregation of evaluation set
+    ``es``; default the toy one); returns ``{dim: reason}``."""
     from anyflow.eval import gate as policy, vbench_like
+
+    aggregate = es.aggregate if es is not None else vbench_like.aggregate
 
     entries = [report["teacher_at_budget"], report["candidate"], *report["baselines"].values()]
     rows = [r for e in entries for r in e["by_nfe"].values()]
     dead = policy.dead_dimensions(report["teacher"]["dimensions"], [r["dimensions"] for r in rows], floor)
     for r in [report["teacher"], *rows]:
-        agg = vbench_like.aggregate(r["dimensions"], drop=tuple(dead))
+        agg = aggregate(r["dimensions"], drop=tuple(dead))
         r.update(total=agg["total"], quality=agg["quality"], semantic=agg["semantic"], normalized=agg["normalized"])
     return dead
 
 
-def real_vbench(frames, specs, root: Path, name: str, fps: int, device: str) -> dict:
+def real_vbench(frames, prompts, root: Path, name: str, fps: int, device: str) -> dict:
     """Real VBench (``gate.use_vbench``) on mp4s of these samples: ``<root>/<name>/videos`` (custom_input layout)
     and VBench's results beside them; scores aggregated like the offline ones. Reported, not gated on."""
-    from anyflow.data import toy
     from anyflow.eval.vbench_adapter import run_vbench, write_custom_input
 
     videos = root / name / "videos"
-    write_custom_input(list(frames), toy.prompts(specs), videos, fps=fps)
+    write_custom_input(list(frames), list(prompts), videos, fps=fps)
     return run_vbench(videos, root / name / "results", name, device=device)
 
 
@@ -262,11 +255,8 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     built for the architecture in their metadata (a FAR adapter samples chunk by chunk with the KV cache, N steps
     per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length). ``reference``:
     a directory of ``anyflow gate-reference`` with the teacher rows (else they are computed here, the same way)."""
-    from dataclasses import replace
-
     import torch
 
-    from anyflow.data import toy
     from anyflow.eval import gate as policy
     from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
     from anyflow.models.student import load_student
@@ -284,25 +274,28 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
                  for name, path in adapters.items()}
     archs = {name: architecture_of(path) for name, path in adapters.items()}
 
-    if cfg.model.source == "local":
-        raise ValueError(LOCAL_UNSUPPORTED)
     if g.use_vbench:  # fail before an hour of sampling, not after
-        from anyflow.eval.vbench_adapter import check_available, weights_dir
+        from anyflow.eval.vbench_adapter import VBenchUnavailable, check_available, weights_dir
 
-        check_available(weights_dir())
+        try:
+            check_available(weights_dir())
+        except VBenchUnavailable as err:
+            raise RuntimeError(f"gate.use_vbench is true but {err}. Install vbench with its weights, or set "
+                               "gate.use_vbench=false to gate on the dimensions that need no weights") from err
     student_batches = 2 * len(g.nfes) * len(adapters)
-    pipe, specs, emb, neg, noise, fvd, bar, decode = gate_reference.setup(
+    pipe, es, emb, neg, noise, bar, decode = gate_reference.setup(
         cfg, progress, out_name, student_batches + (0 if reference else gate_reference.teacher_batches(cfg)))
-    n = len(specs)
+    n = len(es.prompts)
+    fvd = getattr(es, "fvd", None)
 
     seconds: dict = {}
     t0 = time.perf_counter()
     if reference:  # the teacher rows of `anyflow gate-reference` (checked to be of this teacher and these settings)
-        ref = gate_reference.load(Path(reference), cfg)
+        ref = gate_reference.load(Path(reference), cfg, es)
         if fvd is not None:
             fvd.teacher = ref.fvd_teacher
     else:
-        ref = gate_reference.compute(cfg, pipe, specs, emb, neg, noise, fvd, bar, decode)
+        ref = gate_reference.compute(cfg, pipe, es, emb, neg, noise, bar, decode)
     seconds["teacher_rows"] = time.perf_counter() - t0
     x_teacher, teacher_feats, teacher, budget = ref.x_teacher, ref.teacher_features, ref.teacher, ref.budget
 
@@ -319,10 +312,10 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
                              n, bar, f"{name} N={nfe}")
             sampling = time.perf_counter() - t0
             frames = decode(x)
-            by_nfe[str(nfe)] = score(frames, specs, x, x_teacher, teacher_feats, fvd=fvd)
+            by_nfe[str(nfe)] = es.score(frames, x, x_teacher, teacher_feats)
             by_nfe[str(nfe)]["sampling_seconds"] = sampling
             if g.use_vbench:
-                by_nfe[str(nfe)]["vbench"] = real_vbench(frames, specs, paths.root / f"{out_name}_vbench",
+                by_nfe[str(nfe)]["vbench"] = real_vbench(frames, es.prompts, paths.root / f"{out_name}_vbench",
                                                          f"{name}_N{nfe}", cfg.video.fps,
                                                          "cuda" if torch.cuda.is_available() else "cpu")
             if name == "student":
@@ -334,7 +327,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
             noise_fn = lambda f: torch.randn((n, noise.shape[1], f, *noise.shape[3:]),  # noqa: E731
                                              generator=torch.Generator().manual_seed(g.seed + 7))
             results[name]["drift"] = {str(k): drift(model, paradigms[name], noise_fn, emb, k, shift, partition,
-                                                    cfg.video.num_frames, specs, decode, g.seed + 2000 * k)
+                                                    cfg.video.num_frames, es, decode, g.seed + 2000 * k)
                                       for k in drift_nfes}
         del model
     bar.close()
@@ -343,9 +336,9 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
               "teacher_at_budget": {"steps": "N Euler steps × CFG at gate NFE N (2N network evaluations)",
                                     "guidance_scale": g.teacher_guidance_scale,
                                     "guidance_convention": GUIDANCE_CONVENTION, "by_nfe": budget},
-              "prompts": toy.prompts(specs), "num_samples": n, "seed": g.seed,
+              "prompts": es.prompts, "evaluation_set": es.kind, "num_samples": n, "seed": g.seed,
               "policy": _policy_dict(g.policy)}
-    report["dead_dimensions"] = drop_dead(report, g.policy.teacher_accuracy_floor)
+    report["dead_dimensions"] = drop_dead(report, g.policy.teacher_accuracy_floor, es)
     report["live_dimensions"] = sorted(d for d in teacher["dimensions"] if d not in report["dead_dimensions"])
     report["criteria"] = policy.check(report, g.policy)
     report["failed"] = [c["name"] for c in report["criteria"] if not c["passed"]]

@@ -60,12 +60,14 @@ class Reference:
     fingerprint: dict
 
 
-def fingerprint(cfg: Config, root: Path) -> dict:
-    """What the teacher rows depend on: the teacher's and the FVD network's bytes, the gate's sampling settings."""
+def fingerprint(cfg: Config, es) -> dict:
+    """What the teacher rows depend on: the teacher's and the FVD network's bytes, the evaluation set (its kind and
+    prompts), the gate's sampling settings."""
     g, paths = cfg.gate, StagePaths.of(cfg)
     fvd = paths.root / "fvd_net" / "model.safetensors"
     return {"teacher_sha256": sha256_tree(teacher_dir(cfg, paths)),
-            "fvd_net_sha256": sha256_file(fvd) if fvd.is_file() else None,
+            "fvd_net_sha256": sha256_file(fvd) if fvd.is_file() and getattr(es, "fvd", None) is not None else None,
+            "evaluation_set": es.fingerprint(),
             "gate": {"seed": g.seed, "nfes": list(g.nfes), "teacher_steps": g.teacher_steps,
                      "teacher_guidance_scale": g.teacher_guidance_scale, "num_prompts": g.num_prompts,
                      "seeds_per_prompt": g.seeds_per_prompt, "num_previews": g.num_previews},
@@ -75,17 +77,19 @@ def fingerprint(cfg: Config, root: Path) -> dict:
             "video": {"num_frames": cfg.video.num_frames, "height": cfg.video.height, "width": cfg.video.width}}
 
 
-def compute(cfg: Config, pipe, specs, emb, neg, noise, fvd, bar, decode) -> Reference:
-    """Sample, decode and score the teacher rows (the gate's own code path: ``anyflow.stages.gate``)."""
+def compute(cfg: Config, pipe, es, emb, neg, noise, bar, decode) -> Reference:
+    """Sample, decode and score the teacher rows on evaluation set ``es`` (:mod:`anyflow.eval.sets`)."""
     from anyflow.eval import fidelity
-    from anyflow.stages.gate import GUIDANCE_CONVENTION, cfg_nfe, score, teacher_samples
+    from anyflow.stages.gate import GUIDANCE_CONVENTION, cfg_nfe, teacher_samples
+
+    fvd = getattr(es, "fvd", None)
 
     g, shift = cfg.gate, cfg.model.flow_shift
     x_teacher = teacher_samples(pipe, noise, emb, neg, g.teacher_steps, g.teacher_guidance_scale, shift, bar,
                                 "teacher")
     frames_teacher = decode(x_teacher)
     teacher_feats = fidelity.video_features(list(frames_teacher))
-    teacher = score(frames_teacher, specs, x_teacher, x_teacher, teacher_feats, fvd=fvd)
+    teacher = es.score(frames_teacher, x_teacher, x_teacher, teacher_feats)
     fvd_teacher = None
     if fvd is not None:
         fvd_teacher = fvd.teacher = fvd.net.features(frames_teacher)
@@ -94,10 +98,10 @@ def compute(cfg: Config, pipe, specs, emb, neg, noise, fvd, bar, decode) -> Refe
     budget = {}  # the teacher at the same budget: N Euler steps × CFG per gate NFE N (same noises)
     for nfe in g.nfes:
         x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG")
-        budget[str(nfe)] = score(decode(x), specs, x, x_teacher, teacher_feats, fvd=fvd)
+        budget[str(nfe)] = es.score(decode(x), x, x_teacher, teacher_feats)
         budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale))
     return Reference(x_teacher, teacher_feats, fvd_teacher, frames_teacher[:g.num_previews], teacher, budget,
-                     fingerprint(cfg, StagePaths.of(cfg).root))
+                     fingerprint(cfg, es))
 
 
 def save(ref: Reference, out: Path) -> None:
@@ -126,8 +130,9 @@ def _differences(want: dict, got: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load(path: Path, cfg: Config) -> Reference:
-    """The reference in ``path``; ValueError naming what differs when it was computed for other inputs."""
+def load(path: Path, cfg: Config, es) -> Reference:
+    """The reference in ``path`` for evaluation set ``es``; ValueError naming what differs when it was computed for
+    other inputs."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -135,7 +140,7 @@ def load(path: Path, cfg: Config) -> Reference:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name}: gate reference not found (run `anyflow gate-reference`)")
     rows = read_json(path / ROWS)
-    want = fingerprint(cfg, StagePaths.of(cfg).root)
+    want = fingerprint(cfg, es)
     diff = _differences(want, rows.get("fingerprint") or {})
     if diff:
         raise ValueError(f"{path}: gate reference computed for other inputs: {'; '.join(diff)} "
@@ -147,28 +152,27 @@ def load(path: Path, cfg: Config) -> Reference:
 
 
 def setup(cfg: Config, progress: bool, desc: str, extra_batches: int = 0):
-    """What the gate and this stage share: the teacher pipeline, the specs, text embeddings, the noises, the toy
-    FVD, a progress bar over ``extra_batches`` more batches, and the batched decoder."""
+    """What the gate and this stage share: the teacher pipeline, the evaluation set (:mod:`anyflow.eval.sets`), its
+    text embeddings, the noises, a progress bar over ``extra_batches`` batches, and the batched decoder."""
     import torch
     from tqdm.auto import tqdm
 
     from anyflow.data import toy
     from anyflow.models.teacher import decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds
-    from anyflow.stages.gate import BATCH, ToyFVD, _batched, eval_set
+    from anyflow.stages.gate import BATCH, _batched, evaluation_set
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # as in training: the toy model is too small for intra-op threads to pay
     g, paths = cfg.gate, StagePaths.of(cfg)
     pipe = load_teacher(teacher_dir(cfg, paths))
-    specs = eval_set(cfg)
-    n = len(specs)
-    emb = encode_prompts(pipe, toy.prompts(specs), cfg.model.max_text_len)
+    es = evaluation_set(cfg, paths.root)
+    n = len(es.prompts)
+    emb = encode_prompts(pipe, es.prompts, cfg.model.max_text_len)
     neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
     noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
     bar = tqdm(total=-(-n // BATCH) * extra_batches, desc=desc, disable=not progress)
     decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
-    fvd = ToyFVD.load(paths.root, specs, g.seed, cfg.video)
-    return pipe, specs, emb, neg, noise, fvd, bar, decode
+    return pipe, es, emb, neg, noise, bar, decode
 
 
 def teacher_batches(cfg: Config) -> int:
@@ -177,14 +181,11 @@ def teacher_batches(cfg: Config) -> int:
 
 
 def main(cfg: Config, args) -> int:
-    if cfg.model.source == "local":
-        from anyflow.stages.gate import LOCAL_UNSUPPORTED
-
-        raise ValueError(LOCAL_UNSUPPORTED)
     t0 = time.perf_counter()
     paths = StagePaths.of(cfg)
-    pipe, specs, emb, neg, noise, fvd, bar, decode = setup(cfg, not args.no_progress, OUT, teacher_batches(cfg))
-    ref = compute(cfg, pipe, specs, emb, neg, noise, fvd, bar, decode)
+    pipe, es, emb, neg, noise, bar, decode = setup(cfg, not args.no_progress, OUT, teacher_batches(cfg))
+    specs = es.prompts
+    ref = compute(cfg, pipe, es, emb, neg, noise, bar, decode)
     bar.close()
     save(ref, paths.root / OUT)
     seconds = time.perf_counter() - t0
