@@ -20,7 +20,7 @@ stages:
     cmd: date +%s.%N > b.start && sleep 3 && date +%s.%N > b.txt
     outs: [b.txt]
   c:
-    cmd: date +%s.%N > c.start && cat a.txt b.txt > c.txt
+    cmd: date +%s.%N > c.start && cat a.txt b.txt > c.both && date +%s.%N > c.txt
     deps: [a.txt, b.txt]
     outs: [c.txt]
   bad:
@@ -67,6 +67,21 @@ def test_parallel_stages_respect_the_graph_and_failures(project):
     # a second run re-runs nothing that succeeded (DVC skips it) and fails the same way
     again = sh([str(BIN / "anyflow"), "repro", "--jobs", "2", "c"], project)
     assert "= a unchanged" in again.stdout and "= c unchanged" in again.stdout, again.stdout
+
+
+def test_exclusive_stages_run_alone(project):
+    """A benchmark (``meta: {exclusive: true}``) neither starts beside another stage nor lets one start beside it,
+    even with a free job and ready work on both sides."""
+    (project / "dvc.yaml").write_text(DVC_YAML.split("  bad:")[0] + """\
+  bench:
+    cmd: date +%s.%N > bench.start && sleep 2 && date +%s.%N > bench.txt
+    outs: [bench.txt]
+    meta: {exclusive: true}
+""")
+    sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    for other in ("a", "b", "c"):  # every other stage ran entirely before the benchmark or after it
+        start, end = t(project, f"{other}.start"), t(project, f"{other}.txt")
+        assert end <= t(project, "bench.start") or start >= t(project, "bench.txt"), other
 
 
 def test_one_job_runs_stages_one_at_a_time(project):

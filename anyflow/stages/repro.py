@@ -11,7 +11,9 @@ its repository lock while it reads and writes ``dvc.lock`` and releases it while
 ends exactly as after ``dvc repro`` (tests/test_repro.py).
 
 Order: among the stages whose dependencies are done, the one with the longest chain of stages after it starts
-first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it). A failing stage skips
+first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it). A stage whose
+``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their timings are the measurement) runs alone: only
+when nothing else runs and no other stage can start, and nothing starts beside it. A failing stage skips
 every stage downstream of it and lets the others finish (``dvc repro --keep-going``); the exit status is 1 then.
 Each stage's output goes to ``<logs>/<stage>.log`` (default ``.dvc/tmp/repro``); the console shows one line per
 start and end, the last lines of a failing stage's log, and a table of stage times (also ``<logs>/summary.json``).
@@ -46,6 +48,7 @@ class Plan:
     """Stages (DVC addressing, e.g. ``gate`` or ``far/dvc.yaml:far_gate``) and the stages each one depends on."""
 
     deps: dict[str, set[str]]
+    exclusive: set[str] = field(default_factory=set)
     priority: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -82,7 +85,8 @@ def plan(root: Path, targets: list[str]) -> Plan:
         for t in targets:
             stages.update(repo.stage.collect(t, with_deps=True))
         graph = repo.index.graph  # edges: stage → a stage whose outputs it depends on
-        return Plan({s.addressing: {d.addressing for d in graph.successors(s) if d in stages} for s in stages})
+        return Plan({s.addressing: {d.addressing for d in graph.successors(s) if d in stages} for s in stages},
+                    {s.addressing for s in stages if (getattr(s, "meta", None) or {}).get("exclusive")})
 
 
 def _fmt(seconds: float) -> str:
@@ -110,6 +114,14 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                     echo(f"  - {s}: skipped ({', '.join(bad)} did not succeed)")
             ready = sorted((s for s in pending if all(d in result for d in p.deps[s])),
                            key=lambda s: (-p.priority[s], s))
+            if any(r in p.exclusive for r in running):
+                ready = []  # an exclusive stage runs alone
+            elif [s for s in ready if s not in p.exclusive]:
+                ready = [s for s in ready if s not in p.exclusive]
+            elif running:
+                ready = []  # only exclusive stages are ready: wait until the others ended
+            else:
+                ready = ready[:1]
             while ready and len(running) < jobs:
                 s = ready.pop(0)
                 pending.discard(s)
