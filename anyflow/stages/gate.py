@@ -44,7 +44,7 @@ from typing import Optional
 
 from anyflow.config import Config
 from anyflow.stages import gate_reference
-from anyflow.stages.common import StagePaths, resolve_adapter
+from anyflow.stages.common import StagePaths, resolve_adapter, teacher_dir
 from anyflow.utils.io import atomic_dir, atomic_write_text, write_json
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,29 @@ def score(frames, specs, x, x_teacher, teacher_feats, domain: str = "shapes",
     return ToySet(domain, list(specs), fvd).score(frames, x, x_teacher, teacher_feats)
 
 
+def setup(cfg: Config, progress: bool, desc: str, extra_batches: int = 0):
+    """What the gate and this stage share: the teacher pipeline, the evaluation set (:mod:`anyflow.eval.sets`), its
+    text embeddings, the noises, a progress bar over ``extra_batches`` batches, and the batched decoder."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from anyflow.data import toy
+    from anyflow.models.teacher import decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # as in training: the toy model is too small for intra-op threads to pay
+    g, paths = cfg.gate, StagePaths.of(cfg)
+    pipe = load_teacher(teacher_dir(cfg, paths))
+    es = evaluation_set(cfg, paths.root)
+    n = len(es.prompts)
+    emb = encode_prompts(pipe, es.prompts, cfg.model.max_text_len)
+    neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
+    noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
+    bar = tqdm(total=-(-n // BATCH) * extra_batches, desc=desc, disable=not progress)
+    decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
+    return pipe, es, emb, neg, noise, bar, decode
+
+
 def teacher_samples(pipe, noise, emb, neg, steps: int, guidance_scale: float, shift: float, progress, desc: str):
     """The teacher's Euler ODE samples (``steps`` steps, CFG ``guidance_scale``) from ``noise``, batched."""
     from anyflow.models.teacher import teacher_ode_sample
@@ -283,7 +306,7 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
             raise RuntimeError(f"gate.use_vbench is true but {err}. Install vbench with its weights, or set "
                                "gate.use_vbench=false to gate on the dimensions that need no weights") from err
     student_batches = 2 * len(g.nfes) * len(adapters)
-    pipe, es, emb, neg, noise, bar, decode = gate_reference.setup(
+    pipe, es, emb, neg, noise, bar, decode = setup(
         cfg, progress, out_name, student_batches + (0 if reference else gate_reference.teacher_batches(cfg)))
     n = len(es.prompts)
     fvd = getattr(es, "fvd", None)

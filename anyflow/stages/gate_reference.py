@@ -151,45 +151,23 @@ def load(path: Path, cfg: Config, es) -> Reference:
                      rows["teacher"], budget, rows["fingerprint"])
 
 
-def setup(cfg: Config, progress: bool, desc: str, extra_batches: int = 0):
-    """What the gate and this stage share: the teacher pipeline, the evaluation set (:mod:`anyflow.eval.sets`), its
-    text embeddings, the noises, a progress bar over ``extra_batches`` batches, and the batched decoder."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from anyflow.data import toy
-    from anyflow.models.teacher import decode_latents, encode_prompts, latent_shape, load_teacher, negative_embeds
-    from anyflow.stages.gate import BATCH, _batched, evaluation_set
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # as in training: the toy model is too small for intra-op threads to pay
-    g, paths = cfg.gate, StagePaths.of(cfg)
-    pipe = load_teacher(teacher_dir(cfg, paths))
-    es = evaluation_set(cfg, paths.root)
-    n = len(es.prompts)
-    emb = encode_prompts(pipe, es.prompts, cfg.model.max_text_len)
-    neg = negative_embeds(pipe, cfg.synthesize.negative_prompt, cfg.model.max_text_len)
-    noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
-    bar = tqdm(total=-(-n // BATCH) * extra_batches, desc=desc, disable=not progress)
-    decode = lambda x: toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), n, bar, "decode"))  # noqa
-    return pipe, es, emb, neg, noise, bar, decode
-
-
 def teacher_batches(cfg: Config) -> int:
     """Progress-bar batches (per 16 clips) of :func:`compute`: sampling and decoding of 1 + len(nfes) sets."""
     return 2 * (1 + len(cfg.gate.nfes))
 
 
 def main(cfg: Config, args) -> int:
+    from anyflow.stages.gate import setup
+
     t0 = time.perf_counter()
     paths = StagePaths.of(cfg)
     pipe, es, emb, neg, noise, bar, decode = setup(cfg, not args.no_progress, OUT, teacher_batches(cfg))
-    specs = es.prompts
     ref = compute(cfg, pipe, es, emb, neg, noise, bar, decode)
     bar.close()
     save(ref, paths.root / OUT)
     seconds = time.perf_counter() - t0
-    write_json(paths.metric(OUT), {"seconds": seconds, "num_samples": len(specs)})
+    n = len(es.prompts)
+    write_json(paths.metric(OUT), {"seconds": seconds, "num_samples": n})
     print(f"gate reference: teacher {cfg.gate.teacher_steps}×CFG and N×CFG at N in {list(cfg.gate.nfes)} on "
-          f"{len(specs)} clips → {paths.root / OUT} ({seconds:.0f} s)")
+          f"{n} clips ({es.kind}) → {paths.root / OUT} ({seconds:.0f} s)")
     return 0
