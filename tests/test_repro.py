@@ -31,6 +31,10 @@ stages:
     cmd: cat bad.txt > z.txt
     deps: [bad.txt]
     outs: [z.txt]
+  aa_last:
+    cmd: cat z.txt > last.txt
+    deps: [z.txt]
+    outs: [last.txt]
 """
 
 
@@ -59,8 +63,10 @@ def test_parallel_stages_respect_the_graph_and_failures(project):
     # the failure is reported with its log, skips its downstream stage, and does not stop c
     assert "✗ bad failed" in out.stdout and "boom-from-bad" in out.stdout
     assert "after_bad: skipped (bad did not succeed)" in out.stdout
+    # two stages downstream, listed before its failed parent (a stage once started here: make demo's bench_latency)
+    assert "aa_last: skipped (after_bad did not succeed)" in out.stdout and "▶ aa_last" not in out.stdout
     assert not (project / "z.txt").exists() and (project / "c.txt").exists()
-    assert "repro FAILED: after_bad, bad" in out.stdout
+    assert "repro FAILED: aa_last, after_bad, bad" in out.stdout
     # dvc.lock as after dvc repro: the successful stages are up to date
     status = sh([str(BIN / "dvc"), "status", "a", "b", "c"], project)
     assert "up to date" in status.stdout, status.stdout

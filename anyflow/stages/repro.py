@@ -106,13 +106,18 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
     t_start = time.perf_counter()
     try:
         while pending or running:
-            for s in sorted(pending):  # downstream of a failure: never started
-                bad = [d for d in p.deps[s] if result.get(d, {}).get("status") in ("failed", "skipped")]
-                if bad:
-                    pending.discard(s)
-                    result[s] = {"status": "skipped", "seconds": 0.0, "after": bad}
-                    echo(f"  - {s}: skipped ({', '.join(bad)} did not succeed)")
-            ready = sorted((s for s in pending if all(d in result for d in p.deps[s])),
+            changed = True
+            while changed:  # downstream of a failure, however deep: never started
+                changed = False
+                for s in sorted(pending):
+                    bad = [d for d in p.deps[s] if result.get(d, {}).get("status") in ("failed", "skipped")]
+                    if bad:
+                        pending.discard(s)
+                        result[s] = {"status": "skipped", "seconds": 0.0, "after": bad}
+                        echo(f"  - {s}: skipped ({', '.join(bad)} did not succeed)")
+                        changed = True
+            ready = sorted((s for s in pending if all(result.get(d, {}).get("status") in ("ok", "unchanged")
+                                                      for d in p.deps[s])),
                            key=lambda s: (-p.priority[s], s))
             if any(r in p.exclusive for r in running):
                 ready = []  # an exclusive stage runs alone
