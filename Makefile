@@ -31,11 +31,13 @@ demo: install
 	else echo "no gate summary (artifacts/gate/summary.md): the pipeline stopped before the gate"; fi; \
 	exit $$rc
 
+# Two workers (pytest-xdist), a test file per worker at a time; TEST_JOBS=1 runs it in one process.
+TEST_JOBS ?= 2
 test: install
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n $(TEST_JOBS) --dist loadfile
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile
 
 # A local Prefect stack (docs/orchestration.md): server on 127.0.0.1:4200, work pools, every deployment of
 # deploy/prefect.yaml (verified registered), a worker on anyflow-local. `make prefect-down` stops server and worker.
