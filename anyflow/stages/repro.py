@@ -15,7 +15,9 @@ first (stage 1 before the consistency baseline: stage 2, the gate and export wai
 ``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their timings are the measurement) runs alone: only
 when nothing else runs and no other stage can start, and nothing starts beside it. A failing stage skips
 every stage downstream of it and lets the others finish (``dvc repro --keep-going``); the exit status is 1 then.
-Each stage's output goes to ``<logs>/<stage>.log`` (default ``.dvc/tmp/repro``); the console shows one line per
+One runner per workspace: DVC's per-file locks make a second runner's (or a plain ``dvc repro``'s) stage fail with
+"... is busy"; give every target to one call. Each stage's output goes to ``<logs>/<stage>.log`` (default
+``.dvc/tmp/repro``); the console shows one line per
 start and end, the last lines of a failing stage's log, and a table of stage times (also ``<logs>/summary.json``).
 """
 
