@@ -62,6 +62,33 @@ def prefect_harness():
         yield
 
 
+def shared_build(tmp_path_factory, name: str, build):
+    """Build an expensive, read-only test artefact ONCE per test session, also across pytest-xdist workers: the
+    first worker to ask runs ``build(dir)`` under a file lock in the session's shared temp root and marks it
+    complete; the others wait and reuse it. (Per-worker session fixtures built the toy teacher and the FAR release
+    once per worker and module: ~5 min of the suite's CPU on 2 cores.) Callers must not write into ``dir``."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own basetemp under one shared parent
+        root = root.parent
+    target = root / f"shared-{name}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".complete").is_file():
+            import shutil
+
+            shutil.rmtree(target, ignore_errors=True)  # a build that raised part-way is started over
+            target.mkdir(parents=True)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                build(target)
+            finally:
+                torch.set_num_threads(threads)
+            (target / ".complete").touch()
+    return target
+
+
 # [F] export: one tiny exported release (random tiny teacher + random student LoRA → anyflow export), shared by
 # tests/test_export_onnx.py and tests/test_generate.py (~40 s on 2 cores, built once per session).
 @pytest.fixture(scope="session")
@@ -82,7 +109,8 @@ def tiny_release(tmp_path_factory):
 
 
 # [A] toy teacher: a MINIMAL toy teacher trained through the real code path (anyflow.models.toy_teacher.train, few
-# steps; ~30-60 s on 2 cores) and saved as a WanPipeline directory. Session-scoped; reuse it wherever a test needs a
+# steps; ~2.5 min on the 2-core CI machine) and saved as a WanPipeline directory, built once per session across xdist
+# workers (shared_build; read-only). Reuse it wherever a test needs a
 # *trained* teacher dir (load with anyflow.models.teacher.load_teacher). Returns (cfg, path). Its VAE keeps colour
 # and position (tests/test_teacher.py); its transformer is barely trained (do not test semantics with it).
 @pytest.fixture(scope="session")
@@ -93,11 +121,9 @@ def toy_teacher_dir(tmp_path_factory):
     cfg = build({"teacher": {"vae_image_steps": 300, "vae_image_batch_size": 16, "vae_steps": 0, "vae_batch_size": 2,
                              "vae_lr": 3e-3, "steps": 40, "batch_size": 8},
                  "synthesize": {"num_samples": 6, "samples_per_shard": 2, "batch_size": 2, "steps": 4}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+
+    def train(root):
         teacher, _ = toy_teacher.train(cfg, progress=False)
-        path = toy_teacher.save(teacher, tmp_path_factory.mktemp("toy_teacher") / "teacher")
-    finally:
-        torch.set_num_threads(threads)
-    return cfg, path
+        toy_teacher.save(teacher, root / "teacher")
+
+    return cfg, shared_build(tmp_path_factory, "toy_teacher", train) / "teacher"

@@ -19,14 +19,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore"), pytest.mar
 @pytest.fixture(scope="module")
 def far_release(tmp_path_factory):
     """(cfg, teacher pipe, adapter path, release dir): a random FAR adapter (non-zero LoRA, metadata architecture
-    far) on the tiny teacher, exported with ``anyflow export``."""
+    far) on the tiny teacher, exported with ``anyflow export``. Built once per session for this module and
+    tests/test_far_release_onnx.py (``shared_build``, ~2.5 min on 2 cores); read-only."""
+    from conftest import shared_build
+
     from anyflow.models.student import add_lora, save_adapter, student_from_teacher
     from anyflow.stages.export import ADAPTER, run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("far_export")
+    def export(root):
         cfg = tiny_config(root)
         pipe = tiny_teacher_pipeline(0)
         pipe.save_pretrained(str(root / "artifacts" / "teacher"))
@@ -40,10 +40,11 @@ def far_release(tmp_path_factory):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         adapter = save_adapter(model, root / "artifacts" / "far_stage1" / "ema_adapter.safetensors", ADAPTER,
                                metadata={"architecture": "far", "chunk_partition": "1,2,2", "paradigm": "flowmap"})
-        out = run(cfg, adapter=str(adapter), out=str(root / "artifacts" / "release_far"))
-    finally:
-        torch.set_num_threads(threads)
-    return cfg, pipe, adapter, out.release
+        run(cfg, adapter=str(adapter), out=str(root / "artifacts" / "release_far"))
+
+    root = shared_build(tmp_path_factory, "far_release", export)
+    return (tiny_config(root), tiny_teacher_pipeline(0), root / "artifacts" / "far_stage1" / "ema_adapter.safetensors",
+            root / "artifacts" / "release_far")
 
 
 def reference(far_release, noise, prompts, partition=None, context=None, steps=4):
