@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fvd-net": ("fvd_net", "train the toy FVD's feature network (distribution fidelity for the gate)"),
     "repro": ("repro", "dvc repro with independent stages side by side (--jobs, default 2)"),
     "fixture": ("fixture", "write a random-weight test fixture (wan-mini: the Wan2.1-T2V-1.3B-Diffusers layout)"),
+    "wan-smoke": ("smoke", "the wan-1.3b profile end to end on the wan-mini fixture, in a temporary workspace"),
 }
 
 
@@ -43,6 +44,20 @@ def _parse_set(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: expected key=value (e.g. stage1.max_steps=10)")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _nested(flat: dict) -> dict:
+    """{"stage1.max_steps": 2} -> {"stage1": {"max_steps": 2}} (what ``config.build`` merges over a profile)."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--set {dotted}: {p} is not a section")
+        node[leaf] = value
     return out
 
 
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(mod, "USES_PARAMS", True):  # e.g. `anyflow fixture`: no params file needed
             cfg = build({})
         elif args.command == "params" and getattr(args, "profile", None):
-            cfg = build(_parse_set(args.overrides), profile=args.profile)  # bootstrapping a params file
+            cfg = build(_nested(_parse_set(args.overrides)), profile=args.profile)  # bootstrapping a params file
         else:
             cfg = load(args.params, overrides=_parse_set(args.overrides))
     except ConfigError as err:
