@@ -258,11 +258,13 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         if bool(guided.any()):
             with torch.no_grad():
                 gi = guided.nonzero().squeeze(1)
-                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
+                # .to(dtype): under bf16 autocast (stage1.mixed_precision) the network returns bf16, the buffers
+                # are fp32, and index_put refuses to mix them
+                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi)).to(u_unc.dtype)
                 v_unc[gi] = u_unc[gi]
                 gm = (guided & moving).nonzero().squeeze(1)
                 if gm.numel():
-                    v_unc[gm] = u_ng(z[gm], t[gm], t[gm], neg[gm], *ctx(gm))
+                    v_unc[gm] = u_ng(z[gm], t[gm], t[gm], neg[gm], *ctx(gm)).to(v_unc.dtype)
         wb = _b(w, x0)
         v_w = wb * v + (1.0 - wb) * v_unc
         target = v + (1.0 - wb) / wb * (v_unc - u_unc)
@@ -274,7 +276,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm, *ctx(idx)), zm, tm, v_w[idx], s1.derivative,
                                 s1.fd_eps)
         target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), target[idx], tb[idx] if chunks else tm,
-                                      rb[idx] if chunks else rm)
+                                      rb[idx] if chunks else rm).to(target.dtype)
 
     pred_c = u(z, t, r, text, *ctx(None))
     if bool(guided.any()):
@@ -282,7 +284,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
             with torch.no_grad():
                 u_unc = torch.zeros_like(pred_c)
                 gi = guided.nonzero().squeeze(1)
-                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi))
+                u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi)).to(u_unc.dtype)
         pred = fuse_guidance(pred_c, u_unc, w)
     else:
         pred = pred_c

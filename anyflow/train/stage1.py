@@ -1,8 +1,8 @@
 """The forward flow-map trainer (stage 1, and domain continued training) on 🤗 accelerate.
 
 * One LoRA adapter (``student``) trains; the base stays frozen. AdamW + linear warm-up, grad-norm clipping, EMA of
-  the adapter weights, bf16/fp16 autocast on GPUs (``mixed_precision``; CPUs run fp32), optional gradient
-  checkpointing.
+  the adapter weights, bf16/fp16 autocast (``mixed_precision``; bf16 also on CPUs, fp16 on GPUs only), optional
+  gradient checkpointing.
 * Multi-process ready: under ``accelerate launch``/torchrun the model is wrapped in DDP (gloo on CPU, NCCL on GPU).
   Every rank draws the same *global* batch from ``data_fn(step_generator(seed, step))`` and keeps its slice; each
   sample's noise and times come from its own seed ``(seed, step, global index)`` and the (t, r) split is by global
@@ -74,7 +74,9 @@ class FlowMapTrainer:
 
         s1 = cfg.stage1
         if accelerator is None:
-            mp = s1.mixed_precision if torch.cuda.is_available() else "no"
+            # bf16 autocast runs on CPUs too (torch.autocast("cpu"), through accelerate): the wan profiles' bf16
+            # path is exercised by `make wan-smoke` on a CPU; fp16 autocast is a GPU feature
+            mp = s1.mixed_precision if torch.cuda.is_available() or s1.mixed_precision != "fp16" else "no"
             if mp != s1.mixed_precision:
                 log.info("stage1.mixed_precision=%s ignored on CPU (fp32)", s1.mixed_precision)
             accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
@@ -97,6 +99,8 @@ class FlowMapTrainer:
         set_trainable(model, adapter)
         if s1.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        log.info("%s: mixed precision %s on %s, gradient checkpointing %s", desc, self.acc.mixed_precision,
+                 self.acc.device, "on" if s1.gradient_checkpointing else "off")
         self.params = adapter_parameters(model, adapter)
         self.run_key = (run_key(cfg, self.params, data_fn, optim, seed, self.global_batch, self.velocity_target,
                                 adapter, desc) if self.ckpt_dir else None)
