@@ -163,3 +163,23 @@ def test_realism_scores_procedural_clips_above_atypical_ones(tiny_net):
     m = {k: float(v.mean()) for k, v in r.items()}
     assert m["clean"] > 0.95 and m["grey"] < m["clean"] - 0.15 and m["noise"] < m["grey"], m
     assert m["washed"] < 0.1, m
+
+
+def test_fvd_net_stage_on_a_real_model_profile_writes_why_and_exits_0(tmp_path):
+    """One dvc.yaml for every profile: on ``model.source: local`` the toy FVD has no domain to train on and the gate
+    (a prompt set) does not use it, so the stage writes a README saying so, no network, and succeeds — `dvc repro`
+    of a wan profile stopped here before (`make wan-smoke` found it)."""
+    import argparse
+
+    from anyflow.config import build
+    from anyflow.stages import fvd_net
+    from anyflow.utils.io import read_json
+
+    cfg = build({"model": {"pretrained_dir": str(tmp_path / "wan")}, "data": {"prompts_file": "p.txt"},
+                 "paths": {"root": str(tmp_path / "artifacts"), "metrics": str(tmp_path / "metrics")}},
+                profile="wan-1.3b")
+    assert fvd_net.main(cfg, argparse.Namespace()) == 0
+    out = tmp_path / "artifacts" / "fvd_net"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+    assert "not applicable" in (out / "README.md").read_text().lower()
+    assert "model.source 'local'" in read_json(tmp_path / "metrics" / "fvd_net.json")["skipped"]

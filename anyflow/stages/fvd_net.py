@@ -84,12 +84,11 @@ def run(cfg: Config, log_every: int = 25) -> dict:
 
     from anyflow.eval import toy_fvd as T
 
+    paths = StagePaths.of(cfg)
     if cfg.model.source != "toy":
-        raise ValueError("fvd-net: the toy FVD is trained on the procedural toy domains; profile "
-                         f"{cfg.profile!r} (model.source {cfg.model.source!r}) has no such data")
+        return not_applicable(cfg, paths)
     t_start = time.perf_counter()
     f, v = cfg.fvd, cfg.video
-    paths = StagePaths.of(cfg)
     seconds = {}
     t0 = time.perf_counter()
     train_set = T.make_clips(f.train_clips, f.seed, TAGS["train"], v.num_frames, v.height, v.width)
@@ -117,6 +116,20 @@ def run(cfg: Config, log_every: int = 25) -> dict:
     return report
 
 
+def not_applicable(cfg: Config, paths: StagePaths) -> dict:
+    """A real model (``model.source: local``) has no procedural domain to train the toy FVD on, and its gate
+    (:class:`anyflow.eval.sets.PromptSet`) does not use one. The stage still writes its output — a README saying
+    so, no ``model.safetensors`` — so one ``dvc.yaml`` runs on every profile (``dvc repro`` on a wan profile would
+    otherwise stop here); the gate then reports no toy FVD."""
+    reason = (f"not applicable: profile {cfg.profile!r} has model.source {cfg.model.source!r}; the toy FVD is "
+              "trained on the procedural toy domains, and the gate of a real model (a prompt set) does not use it")
+    with atomic_dir(paths.root / OUT) as tmp:
+        (tmp / "README.md").write_text(f"# fvd_net\n\n{reason[0].upper()}{reason[1:]}.\n", encoding="utf-8")
+    report = {"skipped": reason}
+    write_json(paths.metric(OUT), report)
+    return report
+
+
 def metrics_of(report: dict) -> dict:
     s = report["sanity"]
     return {"train_accuracy": report["accuracy"]["train"], "heldout_accuracy": report["accuracy"]["heldout"],
@@ -129,6 +142,9 @@ def metrics_of(report: dict) -> dict:
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
     report = run(cfg, log_every=getattr(args, "log_every", 25))
+    if "skipped" in report:
+        print(f"fvd-net: {report['skipped']}")
+        return 0
     acc, s = report["accuracy"], report["sanity"]
     print(f"fvd-net: held-out accuracy all {acc['heldout']['all']:.3f} (colour {acc['heldout']['color']:.3f}, "
           f"object {acc['heldout']['object']:.3f}, motion {acc['heldout']['motion']:.3f}); FVD same "
