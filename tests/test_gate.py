@@ -175,3 +175,18 @@ def test_floors_apply_only_to_dimensions_the_evaluation_set_measures():
     assert not [c for c in check(r, POLICY) if c["name"].startswith("semantic_floor")]
     r["teacher"]["dimensions"]["color"] = 0.9  # measured by the set, but missing in the candidate's rows
     assert failed_criteria(r, POLICY)[:1] == ["semantic_floor_color@4"]
+
+
+def test_drift_metrics_of_a_prompt_set_have_no_semantic_delta():
+    """A FAR gate on a prompt set (a real model) has Total = Quality and no semantic score: its drift metrics carry
+    the quality delta and None for semantic (metrics_of raised TypeError on None − None; `make wan-smoke`)."""
+    from anyflow.stages.gate import metrics_of
+
+    row = {"total": 0.7, "quality": 0.7, "semantic": None, "fidelity": {"latent_distance": 0.3}}
+    drift = {"first": {"total": 0.8, "quality": 0.8, "semantic": None},
+             "last": {"total": 0.75, "quality": 0.75, "semantic": None}, "delta_total": -0.05, "seconds_per_chunk": 0.1}
+    report = {"candidate": {"paradigm": "flowmap", "by_nfe": {"4": row}, "drift": {"4": drift}},
+              "teacher": {"total": 0.8, "quality": 0.8, "semantic": None, "nfe": 100}, "baselines": {},
+              "passed": True, "failed": [], "num_samples": 2, "seconds": {"total": 1.0}}
+    got = metrics_of(report)["drift"]["candidate"]["4"]
+    assert got["delta_semantic"] is None and got["delta_quality"] == pytest.approx(-0.05)

@@ -399,6 +399,11 @@ def _policy_dict(p) -> dict:
             "beat_teacher_up_to_nfe": p.beat_teacher_up_to_nfe, "teacher_accuracy_floor": p.teacher_accuracy_floor}
 
 
+def _delta(first, last):
+    """last − first; None where a score is absent (a prompt set has no semantic score)."""
+    return None if first is None or last is None else last - first
+
+
 def metrics_of(report: dict) -> dict:
     """The compact DVC metrics: verdict, failed criteria, Totals per NFE, fidelity at 4 NFE, timings."""
     from anyflow.eval.gate import fidelity_value
@@ -419,7 +424,7 @@ def metrics_of(report: dict) -> dict:
 
     t, budget = report["teacher"], report.get("teacher_at_budget")
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
-                        **{f"delta_{k}": d["last"][k] - d["first"][k] for k in ("quality", "semantic")},
+                        **{f"delta_{k}": _delta(d["first"][k], d["last"][k]) for k in ("quality", "semantic")},
                         "seconds_per_chunk": d["seconds_per_chunk"]} for n, d in entry["drift"].items()}
              for name, entry in [("candidate", report["candidate"]), *report["baselines"].items()]
              if entry.get("drift")}
