@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast prefect-up prefect-down clean
+.PHONY: install demo test test-fast wan-smoke prefect-up prefect-down clean
 
 $(BIN)/anyflow: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile
+
+# The wan-1.3b profile end to end on the random-weight wan-mini fixture (Wan2.1-T2V-1.3B-Diffusers' layout), in a
+# temporary workspace, on CPUs: dvc repro (teacher check ... export, bf16 stage 1), promote, pull, generate, and the
+# FAR student with the profile's 8-chunk partition (README "The Wan path"). WORKDIR=dir keeps the workspace.
+wan-smoke: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anyflow wan-smoke $(if $(WORKDIR),--workdir $(WORKDIR))
 
 # A local Prefect stack (docs/orchestration.md): server on 127.0.0.1:4200, work pools, every deployment of
 # deploy/prefect.yaml (verified registered), a worker on anyflow-local. `make prefect-down` stops server and worker.
