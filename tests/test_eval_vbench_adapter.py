@@ -35,29 +35,45 @@ def test_unavailable_message(tmp_path):
         A.check_available(tmp_path / "missing")
 
 
-def test_run_vbench_feeds_custom_input_and_aggregates(tmp_path, monkeypatch):
-    """A stand-in ``vbench`` package with VBench's interface records the call and writes a results file in VBench's
-    format; run_vbench must call it in custom_input mode with local weights and aggregate what it wrote."""
-    pkg = tmp_path / "site" / "vbench"
-    pkg.mkdir(parents=True)
-    (pkg / "VBench_full_info.json").write_text("[]")
-    (pkg / "__init__.py").write_text(
-        "import json, os\n"
-        "CALLS = []\n"
-        "class VBench:\n"
-        "    def __init__(self, device, full_info_dir, output_path):\n"
-        "        self.out = output_path; CALLS.append(('init', device, os.path.basename(full_info_dir)))\n"
-        "    def evaluate(self, videos_path, name, dimension_list, local, mode):\n"
-        "        CALLS.append(('evaluate', sorted(os.listdir(videos_path)), dimension_list, local, mode))\n"
-        "        res = {d: [0.9, [{'video_path': 'x', 'video_results': 0.9}]] for d in dimension_list}\n"
-        "        json.dump(res, open(os.path.join(self.out, name + '_eval_results.json'), 'w'))\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path))  # weights dir exists
+FAKE_VBENCH = (
+    "import json, os\n"
+    "CALLS = []\n"
+    "class VBench:\n"
+    "    def __init__(self, device, full_info_dir, output_path):\n"
+    "        self.out = output_path; CALLS.append(('init', device, os.path.basename(full_info_dir)))\n"
+    "    def evaluate(self, videos_path, name, dimension_list, local, mode):\n"
+    "        files = sorted(os.listdir(videos_path))\n"
+    "        CALLS.append(('evaluate', files, dimension_list, local, mode))\n"
+    "        size = sum(os.path.getsize(os.path.join(videos_path, f)) for f in files)\n"
+    "        score = SCORE if SCORE is not None else 0.5 + (size % 997) / 2000  # depends on the clips\n"
+    "        res = {d: [score, [{'video_path': 'x', 'video_results': score}]] for d in dimension_list}\n"
+    "        json.dump(res, open(os.path.join(self.out, name + '_eval_results.json'), 'w'))\n")
+
+
+def install_fake_vbench(tmp_path, monkeypatch, score=None):
+    """A stand-in ``vbench`` package with VBench's interface (``VBench(device, full_info, out).evaluate(...)``) that
+    records its calls and writes a results file in VBench's format: every dimension scores ``score``, or, with
+    None, a number that depends on the clips' bytes. Weights dir: ``tmp_path`` (exists). Returns the module."""
     import importlib
     import sys
 
+    pkg = tmp_path / "site" / "vbench"
+    pkg.mkdir(parents=True)
+    (pkg / "VBench_full_info.json").write_text("[]")
+    (pkg / "__init__.py").write_text(f"SCORE = {score!r}\n" + FAKE_VBENCH)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path))
     monkeypatch.delitem(sys.modules, "vbench", raising=False)
     importlib.invalidate_caches()
+    return importlib.import_module("vbench")
+
+
+def test_run_vbench_feeds_custom_input_and_aggregates(tmp_path, monkeypatch):
+    """A stand-in ``vbench`` package with VBench's interface records the call and writes a results file in VBench's
+    format; run_vbench must call it in custom_input mode with local weights and aggregate what it wrote."""
+    import sys
+
+    install_fake_vbench(tmp_path, monkeypatch, score=0.9)
     specs = [toy.Spec("red", "circle", "left"), toy.Spec("blue", "square", "up")]
     A.write_custom_input([toy.render(s, i)[0] for i, s in enumerate(specs)], [s.prompt for s in specs],
                          tmp_path / "videos")

@@ -204,3 +204,60 @@ def test_gate_scores_a_wan_student_on_a_prompt_file(wan_mini, tmp_path):
     assert not any(n.startswith("semantic_floor") for n in names)
     assert read_json(tmp_path / "metrics/gate.json")["passed"] == report["passed"]
     assert gate.without_timings(own) == gate.without_timings(report)
+
+
+def test_gate_merges_real_vbench_dimensions_into_every_row(wan_mini, tmp_path, monkeypatch):
+    """[K] item 5: with ``gate.use_vbench`` VBench's own dimensions (a stand-in ``vbench`` package with VBench's
+    interface: scores that depend on the clips) are merged into every row — teacher, teacher at budget, candidate —
+    so they count in Total and in the criteria; the gate-reference rows carry them too and equal the gate's own,
+    and rows computed without VBench are refused. Without the package the gate names both ways out."""
+    import os
+
+    from test_eval_vbench_adapter import install_fake_vbench
+
+    from anyflow.config import build
+    from anyflow.eval import vbench_adapter
+    from anyflow.eval.sets import PromptSet
+    from anyflow.models.student import load_student, save_adapter
+    from anyflow.models.teacher import load_teacher
+    from anyflow.stages import gate, gate_reference
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    over = {"model": {"pretrained_dir": str(wan_mini)}, "video": {"num_frames": 5, "height": 32, "width": 32},
+            "data": {"prompts_file": str(prompts)},
+            "gate": {"nfes": [1, 2], "teacher_steps": 4, "teacher_guidance_scale": 1.0, "num_prompts": 2,
+                     "seeds_per_prompt": 1, "num_previews": 1, "use_vbench": True}}
+    cfg = build(over, profile="wan-1.3b")
+    no_vbench = build({**over, "gate": {**over["gate"], "use_vbench": False}}, profile="wan-1.3b")
+    model = load_student(load_teacher(wan_mini).transformer, cfg.student)
+    save_adapter(model, tmp_path / "artifacts/stage1/ema_adapter.safetensors",
+                 metadata={"paradigm": "flowmap", "steps": 0})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path / "no-weights"))
+        with pytest.raises(RuntimeError, match="gate.use_vbench is true but .*set gate.use_vbench=false"):
+            gate.run(cfg, candidate="stage1", progress=False)
+        install_fake_vbench(tmp_path, monkeypatch)
+        own = gate.run(cfg, candidate="stage1", out_name="gate_own", progress=False)
+        assert gate_reference.main(no_vbench, type("A", (), dict(no_progress=True))) == 0
+        with pytest.raises(ValueError, match="vbench"):  # rows without VBench are not this gate's rows
+            gate.run(cfg, candidate="stage1", progress=False, reference="artifacts/gate_reference")
+        assert gate_reference.main(cfg, type("A", (), dict(no_progress=True))) == 0
+        report = gate.run(cfg, candidate="stage1", progress=False, reference="artifacts/gate_reference")
+    finally:
+        os.chdir(cwd)
+    assert gate.without_timings(own) == gate.without_timings(report)
+    rows = [report["teacher"], *report["teacher_at_budget"]["by_nfe"].values(),
+            *report["candidate"]["by_nfe"].values()]
+    scores = set()
+    for row in rows:
+        assert set(vbench_adapter.CUSTOM_INPUT_DIMENSIONS) <= set(row["dimensions"]) - set(report["dead_dimensions"])
+        agg = PromptSet([], "").aggregate(row["dimensions"], drop=tuple(report["dead_dimensions"]))
+        assert row["total"] == pytest.approx(agg["total"]) and row["total"] == row["quality"]
+        scores.add(row["dimensions"]["subject_consistency"])
+    assert len(scores) > 1  # the stand-in scores depend on the clips: rows differ
+    at1 = next(c for c in report["criteria"] if c["name"] == "beats_teacher@1")
+    assert at1["value"] == pytest.approx(report["candidate"]["by_nfe"]["1"]["total"])
+    assert at1["threshold"] == pytest.approx(report["teacher_at_budget"]["by_nfe"]["1"]["total"])

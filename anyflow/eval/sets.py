@@ -9,9 +9,13 @@ A gate for another kind of model is a new evaluation set, not a branch inside th
   the toy FVD and the realism dimension (``fvd``).
 * :class:`PromptSet` — any prompts (``data.prompts_file``: a text file, or VBench's prompt suite from the installed
   ``vbench`` package, :mod:`anyflow.data.prompts`), for real models (the wan profiles, ``model.source: local``).
-  Only what needs no ground truth: VBench's temporal-flickering formula on the pixels; and, where ``gate.use_vbench``
-  and ``vbench`` with its weights are installed, VBench's own dimensions (the gate merges them in, so they are gated
-  like the rest). With no semantic dimension, Total is Quality (``aggregate(..., partial=True)``).
+  Only what needs no ground truth: VBench's temporal-flickering formula on the pixels. With no semantic dimension,
+  Total is Quality (``aggregate(..., partial=True)``).
+
+Either set takes a ``vbench`` scorer (``gate.use_vbench``, where ``vbench`` and its weights are installed:
+:class:`anyflow.eval.vbench_adapter.VBenchScorer`): VBench's own dimensions of every row — teacher, teacher at budget,
+candidate, baselines — merge into its dimensions (replacing the weight-free analogue of the same name) and so into
+Quality, Total and the policy's criteria.
 
 Both report the same fidelity to the teacher (latent RMS distance to the teacher's sample from the same noise,
 Fréchet distance in the fixed pixel-feature space of :mod:`anyflow.eval.fidelity`), so the policy's any-step
@@ -23,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def fidelity_of(frames, x, x_teacher, teacher_feats) -> dict:
@@ -45,6 +49,7 @@ class ToySet:
     domain: str
     specs: list
     fvd: Any = None
+    vbench: Optional[Callable] = None  # (frames, prompts) -> {dim: raw score}: VBench's own dimensions, merged
     kind: str = field(default="toy", init=False)
 
     @property
@@ -69,7 +74,8 @@ class ToySet:
         fid = fidelity_of(frames, x, x_teacher, teacher_feats)
         if self.fvd is not None:
             fid["fvd"] = self.fvd(frames)
-        return _row(self.aggregate(scored["dimensions"]), scored["dimensions"], fid)
+        dims = with_vbench(scored["dimensions"], self.vbench, frames, self.prompts)
+        return _row(self.aggregate(dims), dims, fid)
 
     def window(self, frames) -> dict:
         """Total / Quality / Semantic of clips of another length (FAR drift windows): no fidelity, no realism."""
@@ -79,7 +85,8 @@ class ToySet:
         return {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"]}
 
     def fingerprint(self) -> dict:
-        return {"kind": self.kind, "domain": self.domain, "prompts": self.prompts}
+        return {"kind": self.kind, "domain": self.domain, "prompts": self.prompts,
+                **({"vbench": True} if self.vbench is not None else {})}
 
 
 @dataclass
@@ -88,6 +95,7 @@ class PromptSet:
 
     prompts: list[str]
     source: str
+    vbench: Optional[Callable] = None  # as ToySet.vbench
     kind: str = field(default="prompts", init=False)
 
     def aggregate(self, dims: dict, drop: Sequence[str] = ()) -> dict:
@@ -103,32 +111,44 @@ class PromptSet:
         return {"temporal_flickering": float(np.mean([vbench_like.temporal_flickering(v) for v in frames]))}
 
     def score(self, frames, x, x_teacher, teacher_feats) -> dict:
-        dims = self.dimensions(frames)
+        dims = with_vbench(self.dimensions(frames), self.vbench, frames, self.prompts)
         return _row(self.aggregate(dims), dims, fidelity_of(frames, x, x_teacher, teacher_feats))
 
     def window(self, frames) -> dict:
+        """Total / Quality of clips of another length (FAR drift windows): the weight-free dimensions only."""
         agg = self.aggregate(self.dimensions(frames))
         return {"total": agg["total"], "quality": agg["quality"], "semantic": agg["semantic"]}
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
-        return {"kind": self.kind, "source": self.source, "prompts_sha256": digest}
+        return {"kind": self.kind, "source": self.source, "prompts_sha256": digest,
+                **({"vbench": True} if self.vbench is not None else {})}
 
 
-def for_config(cfg, fvd_loader=None, domain: Optional[str] = None):
+def with_vbench(dims: dict, vbench: Optional[Callable], frames, prompts) -> dict:
+    """``dims`` with VBench's own scores of ``frames`` merged in (they replace a weight-free analogue of the same
+    name, e.g. temporal_flickering); ``dims`` unchanged without a scorer."""
+    if vbench is None:
+        return dims
+    return {**dims, **vbench(frames, list(prompts))}
+
+
+def for_config(cfg, fvd_loader=None, domain: Optional[str] = None, vbench: Optional[Callable] = None):
     """The evaluation set of ``cfg``: toy profiles → :class:`ToySet` of ``domain`` (default ``shapes``, with the
     toy FVD from ``fvd_loader(specs)`` when given); ``model.source: local`` → :class:`PromptSet` of
-    ``data.prompts_file`` (``gate.num_prompts`` of them, ``gate.seeds_per_prompt`` noises each)."""
+    ``data.prompts_file`` (``gate.num_prompts`` of them, ``gate.seeds_per_prompt`` noises each). ``vbench``: the
+    scorer of VBench's own dimensions, merged into every row (``gate.use_vbench``)."""
     g = cfg.gate
     if cfg.model.source == "local":
         from anyflow.data.prompts import load_prompts
 
         source = load_prompts(cfg.data.prompts_file)
         chosen = [source[i % len(source)] for i in range(g.num_prompts)]
-        return PromptSet([p for p in chosen for _ in range(g.seeds_per_prompt)], str(cfg.data.prompts_file))
+        return PromptSet([p for p in chosen for _ in range(g.seeds_per_prompt)], str(cfg.data.prompts_file),
+                         vbench)
     from anyflow.data import driving, toy
 
     domain = domain or "shapes"
     _, held = (driving if domain == "driving" else toy).split(cfg.data.seed, cfg.data.heldout_fraction)
     specs = [held[i % len(held)] for i in range(g.num_prompts) for _ in range(g.seeds_per_prompt)]
-    return ToySet(domain, specs, fvd_loader(specs) if fvd_loader is not None else None)
+    return ToySet(domain, specs, fvd_loader(specs) if fvd_loader is not None else None, vbench)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -71,19 +72,23 @@ def check_available(weights_dir: str | Path | None) -> None:
                                 "pretrained models locally; nothing is downloaded)")
 
 
+def raw_results(results: Mapping[str, object]) -> dict[str, float]:
+    """VBench results ``{dim_with_underscores: [mean, per_video] | mean}`` → ``{dim_with_underscores: mean}`` (the
+    names the gate's rows use for their dimensions)."""
+    return {dim: float(val[0] if isinstance(val, (list, tuple)) else val) for dim, val in results.items()}
+
+
 def aggregate_results(results: Mapping[str, object]) -> dict:
     """VBench results ``{dim_with_underscores: [mean, per_video] | mean}`` → :func:`vbench_like.aggregate`."""
-    scores = {}
-    for dim, val in results.items():
-        mean = val[0] if isinstance(val, (list, tuple)) else val
-        scores[dim.replace("_", " ")] = float(mean)
-    return vbench_like.aggregate(scores)
+    return vbench_like.aggregate({dim.replace("_", " "): v for dim, v in raw_results(results).items()})
 
 
 def run_vbench(videos_dir: str | Path, out_dir: str | Path, name: str,
-               dimensions: Sequence[str] = CUSTOM_INPUT_DIMENSIONS, device: str = "cuda") -> dict:
+               dimensions: Sequence[str] = CUSTOM_INPUT_DIMENSIONS, device: str = "cuda", aggregate: bool = True
+               ) -> dict:
     """Real VBench on a custom_input directory (:func:`write_custom_input`), local weights only; returns
-    :func:`aggregate_results` of ``<out_dir>/<name>_eval_results.json`` (the file VBench writes)."""
+    :func:`aggregate_results` of ``<out_dir>/<name>_eval_results.json`` (the file VBench writes), or with
+    ``aggregate=False`` the raw per-dimension means (:func:`raw_results`)."""
     import json
 
     check_available(weights_dir())
@@ -101,4 +106,25 @@ def run_vbench(videos_dir: str | Path, out_dir: str | Path, name: str,
     results_path = Path(out_dir) / f"{name}_eval_results.json"
     if not results_path.is_file():
         raise RuntimeError(f"{results_path}: VBench finished without writing its results file")
-    return aggregate_results(json.loads(results_path.read_text()))
+    results = json.loads(results_path.read_text())
+    return aggregate_results(results) if aggregate else raw_results(results)
+
+
+@dataclass(frozen=True)
+class VBenchScorer:
+    """VBench's own dimensions as a scorer of the gate's evaluation set (``gate.use_vbench``;
+    :mod:`anyflow.eval.sets`): the clips as mp4s in ``<root>/clips_<sha256>/videos`` (custom_input layout), VBench's
+    results beside them; returns the raw per-dimension means, which the set merges into the row, so they count in
+    Quality and Total and are gated like the rest."""
+
+    root: Path
+    fps: int
+    device: str
+
+    def __call__(self, frames, prompts) -> dict[str, float]:
+        import hashlib
+
+        name = "clips_" + hashlib.sha256(np.ascontiguousarray(frames).tobytes()).hexdigest()[:16]
+        videos = Path(self.root) / name / "videos"
+        write_custom_input(list(frames), list(prompts), videos, fps=self.fps)
+        return run_vbench(videos, Path(self.root) / name / "results", name, device=self.device, aggregate=False)

@@ -287,8 +287,15 @@ def score_videos(videos: Sequence[np.ndarray], specs: Sequence["toy.Spec"], real
     return {"dimensions": dims, "clips": clips}
 
 
+def vbench_name(name: str) -> str:
+    """VBench's name of a dimension: toy names via TOY_TO_VBENCH; VBench's own result keys (``subject_consistency``)
+    with spaces; VBench names as they are."""
+    return TOY_TO_VBENCH.get(name, name.replace("_", " ") if name.replace("_", " ") in NORMALIZE_DIC else name)
+
+
 def aggregate(scores: Mapping[str, float], drop: Sequence[str] = (), partial: bool = False) -> dict:
-    """VBench aggregation of raw dimension scores keyed by VBench names (or toy names, mapped via TOY_TO_VBENCH).
+    """VBench aggregation of raw dimension scores keyed by VBench names (or toy names and VBench's result keys,
+    mapped by :func:`vbench_name`).
 
     n_d = (s_d − Min_d)/(Max_d − Min_d); Quality = Σ_{d∈Q} w_d n_d / Σ_{d∈Q} w_d; Semantic likewise over S;
     Total = (4·Quality + 1·Semantic)/5. Returns {"normalized", "quality", "semantic", "total"}; a group without
@@ -298,8 +305,8 @@ def aggregate(scores: Mapping[str, float], drop: Sequence[str] = (), partial: bo
     ``partial``: a group without any dimension is left out and Total is the other group (the gate's prompt-file
     evaluation set for real models, :class:`anyflow.eval.sets.PromptSet`, has quality dimensions only).
     """
-    dropped = {TOY_TO_VBENCH.get(k, k) for k in drop}
-    named = {TOY_TO_VBENCH.get(k, k): float(v) for k, v in scores.items()}
+    dropped = {vbench_name(k) for k in drop}
+    named = {vbench_name(k): float(v) for k, v in scores.items()}
     unknown = sorted(set(named) - set(NORMALIZE_DIC))
     if unknown:
         raise KeyError(f"unknown dimension(s) {unknown}; known: {sorted(NORMALIZE_DIC)}")

@@ -83,11 +83,23 @@ def eval_set(cfg: Config, domain: str = "shapes"):
 
 def evaluation_set(cfg: Config, root: Optional[Path] = None):
     """The gate's evaluation set (:mod:`anyflow.eval.sets`): the toy shapes held-out specs with the toy FVD from
-    ``<root>/fvd_net`` where trained, or, for ``model.source: local``, the prompts of ``data.prompts_file``."""
+    ``<root>/fvd_net`` where trained, or, for ``model.source: local``, the prompts of ``data.prompts_file``; with
+    ``gate.use_vbench``, VBench's own dimensions merged into every row (``vbench_adapter.VBenchScorer``)."""
+    import torch
+
     from anyflow.eval.sets import for_config
+    from anyflow.eval.vbench_adapter import VBenchScorer, VBenchUnavailable, check_available, weights_dir
 
     root = root if root is not None else StagePaths.of(cfg).root
-    return for_config(cfg, lambda specs: ToyFVD.load(root, specs, cfg.gate.seed, cfg.video))
+    vbench = None
+    if cfg.gate.use_vbench:  # fail before an hour of sampling, not after
+        try:
+            check_available(weights_dir())
+        except VBenchUnavailable as err:
+            raise RuntimeError(f"gate.use_vbench is true but {err}. Install vbench with its weights, or set "
+                               "gate.use_vbench=false to gate on the dimensions that need no weights") from err
+        vbench = VBenchScorer(root / "vbench", cfg.video.fps, "cuda" if torch.cuda.is_available() else "cpu")
+    return for_config(cfg, lambda specs: ToyFVD.load(root, specs, cfg.gate.seed, cfg.video), vbench=vbench)
 
 
 def paradigm_of(adapter: Path, cfg: Config, override: Optional[str] = None) -> str:
@@ -261,14 +273,6 @@ def drop_dead(report: dict, floor: float, es=None) -> dict:
     return dead
 
 
-def real_vbench(frames, prompts, root: Path, name: str, fps: int, device: str) -> dict:
-    """Real VBench (``gate.use_vbench``) on mp4s of these samples: ``<root>/<name>/videos`` (custom_input layout)
-    and VBench's results beside them; scores aggregated like the offline ones. Reported, not gated on."""
-    from anyflow.eval.vbench_adapter import run_vbench, write_custom_input
-
-    videos = root / name / "videos"
-    write_custom_input(list(frames), list(prompts), videos, fps=fps)
-    return run_vbench(videos, root / name / "results", name, device=device)
 
 
 def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
@@ -297,14 +301,6 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
                  for name, path in adapters.items()}
     archs = {name: architecture_of(path) for name, path in adapters.items()}
 
-    if g.use_vbench:  # fail before an hour of sampling, not after
-        from anyflow.eval.vbench_adapter import VBenchUnavailable, check_available, weights_dir
-
-        try:
-            check_available(weights_dir())
-        except VBenchUnavailable as err:
-            raise RuntimeError(f"gate.use_vbench is true but {err}. Install vbench with its weights, or set "
-                               "gate.use_vbench=false to gate on the dimensions that need no weights") from err
     student_batches = 2 * len(g.nfes) * len(adapters)
     pipe, es, emb, neg, noise, bar, decode = setup(
         cfg, progress, out_name, student_batches + (0 if reference else gate_reference.teacher_batches(cfg)))
@@ -337,10 +333,6 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
             frames = decode(x)
             by_nfe[str(nfe)] = es.score(frames, x, x_teacher, teacher_feats)
             by_nfe[str(nfe)]["sampling_seconds"] = sampling
-            if g.use_vbench:
-                by_nfe[str(nfe)]["vbench"] = real_vbench(frames, es.prompts, paths.root / f"{out_name}_vbench",
-                                                         f"{name}_N{nfe}", cfg.video.fps,
-                                                         "cuda" if torch.cuda.is_available() else "cpu")
             if name == "student":
                 previews[f"N={nfe}"] = frames[:g.num_previews]
         results[name] = {"adapter": str(path), "paradigm": paradigms[name], "architecture": archs[name],
