@@ -3,7 +3,7 @@
 
     python deploy/tensorrt_build.py --release artifacts/release --precision fp16 --max-batch 4 --max-frames 21
 
-Writes ``<release>/tensorrt/{transformer,text_encoder,vae_decoder}.engine`` (each atomically) and
+Writes ``<release>/tensorrt/<graph>.engine`` for every ONNX graph of the release (each atomically) and
 ``<release>/tensorrt/parity.json`` (engine vs ONNX Runtime max abs/rel error and mean latency per component).
 Optimisation profiles: transformer batch ∈ [1, max_batch] × latent frames ∈ [1, max_frames]; text encoder batch
 ∈ [1, max_batch]; the VAE decoder is static (batch 1). Engines are built into a temporary directory and moved
@@ -63,8 +63,13 @@ def main(argv=None) -> int:
     examples = {
         "text_encoder": {"input_ids": torch.randint(0, 100, (b, info.max_text_len), generator=g),
                          "attention_mask": torch.ones(b, info.max_text_len, dtype=torch.long)},
-        "vae_decoder": {"latents": torch.randn(1, c, f, h, w, generator=g)},
+        "vae_decoder_first": {"latents": torch.randn(1, c, 1, h, w, generator=g)},
     }
+    first = ox.session(root / ONNX_FILES["vae_decoder_first"])  # the step graph's example caches: frame 0's
+    step_names = [i.name for i in ox.session(root / ONNX_FILES["vae_decoder_step"]).get_inputs()][1:]
+    caches = ox.ort_runner(first)(**examples["vae_decoder_first"])[1:]
+    examples["vae_decoder_step"] = {"latents": torch.randn(1, c, 1, h, w, generator=g),
+                                    **dict(zip(step_names, caches))}
     te_sess = ox.session(root / ONNX_FILES["text_encoder"])
     text = torch.from_numpy(te_sess.run(None, {k: v.numpy() for k, v in examples["text_encoder"].items()})[0])
     d = text.shape[-1]
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     profiles = {"transformer": transformer_profiles((b, f, c, h, w), (b, info.max_text_len, d), args.max_batch,
                                                     max_frames),
                 "text_encoder": text_encoder_profiles((b, info.max_text_len), args.max_batch),
-                "vae_decoder": None}
+                "vae_decoder_first": None, "vae_decoder_step": None}  # static shapes: batch 1, one latent frame
     out_dir = root / "tensorrt"
     tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.", dir=root))
     report = {"precision": args.precision, "max_batch": args.max_batch, "max_frames": max_frames,

@@ -101,7 +101,8 @@ def test_export_manifest_and_metrics(tiny_release):
     cfg, root, out = tiny_release
     m = verify_release(out.release)
     paths = {e["path"] for e in m["files"]}
-    assert {"onnx/transformer.onnx", "onnx/text_encoder.onnx", "onnx/vae_decoder.onnx",
+    assert {"onnx/transformer.onnx", "onnx/text_encoder.onnx", "onnx/vae_decoder_first.onnx",
+            "onnx/vae_decoder_step.onnx",
             "pipeline/model_index.json", "pipeline/transformer/diffusion_pytorch_model.safetensors"} <= paths
     assert m["gate"]["passed"] is False  # no gate report in this sandbox → never promotable
     assert m["runtime"]["latent_shape"] == [8, 5, 8, 8]
@@ -131,3 +132,19 @@ def test_failed_export_leaves_previous_release_untouched(tiny_release, monkeypat
         run(cfg)
     assert out.manifest.read_bytes() == before
     assert not [p for p in out.release.parent.iterdir() if p.name.startswith(".release")]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 8])
+def test_streaming_vae_decoder_equals_diffusers_at_any_length(tiny_release, frames):
+    """The release's VAE decoder graphs (vae_decoder_first, vae_decoder_step: one latent frame per call, the
+    causal-conv caches as tensors) decode any number of latent frames as ``AutoencoderKLWan.decode`` does (the
+    release was exported at 5; the unrolled graph it replaced took exactly 5)."""
+    from diffusers import AutoencoderKLWan
+
+    from anyflow.export import onnx_export as ox
+
+    _, _, out = tiny_release
+    vae = AutoencoderKLWan.from_pretrained(str(out.release / "pipeline" / "vae")).eval()
+    z = torch.randn((1, vae.config.z_dim, frames, 8, 8), generator=torch.Generator().manual_seed(frames))
+    err = ox.decoder_parity(out.release / "onnx", vae, z)
+    assert err.ref_scale > 0.1 and err.max_abs < 1e-5, err

@@ -86,9 +86,9 @@ def test_far_export_manifest_and_round_trip(far_release):
     far = json.loads((release / "onnx" / "far" / "far_onnx.json").read_text())
     graphs = {f"onnx/far/{g}" for g in far["graphs"].values()} | {"onnx/far/far_onnx.json"}
     assert {f"chunk_{k}" for k in range(3)} <= set(far["graphs"]) and far["chunk_partition"] == [1, 2, 2]
-    assert "onnx/transformer.onnx" not in paths and graphs | {"onnx/text_encoder.onnx", "onnx/vae_decoder.onnx",
-                                                              "onnx/vae_encoder_f1.onnx",
-                                                              "onnx/vae_encoder_f5.onnx"} <= paths
+    assert "onnx/transformer.onnx" not in paths and graphs | {
+        "onnx/text_encoder.onnx", "onnx/vae_decoder_first.onnx", "onnx/vae_decoder_step.onnx",
+        "onnx/vae_encoder_first.onnx", "onnx/vae_encoder_step.onnx"} <= paths
     assert "onnx/far/chunk_{k}.onnx" in manifest["notes"][0]
     assert manifest["components"] == ["transformer", "text_encoder", "vae_decoder", "vae_encoder"]
     assert manifest["parity"]["far_generate_4step"]["latents"]["max_abs"] <= 1e-5

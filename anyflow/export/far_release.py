@@ -1,6 +1,6 @@
 """The FAR (causal) parts of ``anyflow export`` (:mod:`anyflow.stages.export`): the runtime block, the transformer
 as per-chunk ONNX graphs with the KV cache as tensors (:func:`anyflow.export.far_onnx.export_far`, into
-``onnx/far/``), the VAE encoder as one graph per context length (I2V/V2V on ONNX Runtime), and the checks: the
+``onnx/far/``), the streaming VAE encoder (I2V/V2V contexts of any length on ONNX Runtime), and the checks: the
 release as saved, reloaded by the torch runtime, against ``far_generate`` on the merged model, and ONNX Runtime
 against that torch runtime on the same noise and text (4 steps per chunk).
 """
@@ -14,7 +14,7 @@ FAR_ONNX_NOTE = ("architecture far: no onnx/transformer.onnx — the causal tran
                  "chunk index with its KV cache as tensors: onnx/far/chunk_{k}.onnx (+ cache_{k}.onnx where far-context "
                  "compression starts) and onnx/far/far_onnx.json (anyflow/export/far_onnx.py). The graphs fix "
                  "chunk_partition and the latent size (--length-chunks beyond it: --backend torch); "
-                 "onnx/vae_encoder_f{n}.onnx encodes an n-pixel-frame I2V/V2V context")
+                 "onnx/vae_encoder_{first,step}.onnx encode an I2V/V2V context of any length, one chunk per call")
 
 
 def far_runtime_block(scfg, merged, vae) -> dict:
@@ -42,9 +42,10 @@ def context_frame_counts(partition: Sequence[int], factor: int) -> list[int]:
 
 def export_far_graphs(merged, vae, onnx_dir: Path, shape: Sequence[int], text, partition: Sequence[int],
                       components: Sequence[str], opset: int, video_hw: Sequence[int]) -> dict:
-    """``onnx/far/`` (the transformer, when ``"transformer"`` is a component) and ``onnx/vae_encoder_f{n}.onnx``
-    for every context length (with the VAE decoder); each graph through ``onnx.checker``. Returns the parity
-    entries: the chunk graphs are checked by the generation check, every encoder against torch here."""
+    """``onnx/far/`` (the transformer, when ``"transformer"`` is a component) and the streaming VAE encoder
+    ``onnx/vae_encoder_{first,step}.onnx`` (with the VAE decoder); each graph through ``onnx.checker``. Returns the
+    parity entries: the chunk graphs are checked by the generation check, the encoder against torch here at every
+    context length the release can take."""
     import torch
 
     from anyflow.export import onnx_export as ox
@@ -55,12 +56,14 @@ def export_far_graphs(merged, vae, onnx_dir: Path, shape: Sequence[int], text, p
         export_far(merged, onnx_dir.parent / RELEASE_SUBDIR, shape, tuple(text.shape[1:]), opset, list(partition))
     if "vae_decoder" in components:
         parity["vae_encoder"] = {}
-        graph = ox.VaeEncoderGraph(vae)
-        for n in context_frame_counts(partition, temporal_factor(vae)):
-            video = torch.rand((1, 3, n, *video_hw), generator=torch.Generator().manual_seed(11)) * 2 - 1
-            path = ox.export_vae_encoder(vae, onnx_dir / f"vae_encoder_f{n}.onnx", {"video": video}, opset)
+        video = torch.rand((1, 3, 1 + ox.ENCODER_CHUNK, *video_hw), generator=torch.Generator().manual_seed(11))
+        paths = ox.export_vae_encoder(vae, onnx_dir, {"video": video * 2 - 1}, opset)
+        for path in paths:
             ox.check_onnx(path)
-            parity["vae_encoder"][f"frames={n}"] = ox.parity(path, graph, {"video": video}).as_dict()
+        sessions = tuple(ox.session(path) for path in paths)
+        for n in context_frame_counts(partition, temporal_factor(vae)):  # every context the release can take
+            video = torch.rand((1, 3, n, *video_hw), generator=torch.Generator().manual_seed(11)) * 2 - 1
+            parity["vae_encoder"][f"frames={n}"] = ox.encoder_parity(onnx_dir, vae, video, sessions).as_dict()
     return parity
 
 

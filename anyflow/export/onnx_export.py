@@ -11,11 +11,16 @@ Graphs (all float32, opset ``cfg.export.opset``, the dynamo exporter):
   zeroed past each prompt's length exactly as ``AnyFlowPipeline._get_t5_prompt_embeds`` does. Dynamic batch.
   UMT5 is traced with eager attention (transformers' SDPA path reshapes a non-contiguous view that torch.export
   rejects).
-* ``vae_decoder.onnx`` — normalised latents (1, C, F, h, w) (Wan layout, as the transformer produces them after a
-  permute) → video (1, 3, F_px, H, W) in [-1, 1], including the ``latents / std + mean`` de-normalisation.
-  ``AutoencoderKLWan.decode`` walks the latent frames in a Python loop with a causal-conv feature cache, so the
-  export unrolls that loop: the graph is exact (parity ~1e-6) but **fixed to one latent frame count and batch 1**
-  (the runtime loops over the batch). A different frame count needs a re-export.
+* ``vae_decoder_first.onnx`` + ``vae_decoder_step.onnx`` — the VAE decoder as a stream, one latent frame per call
+  (Wan layout, normalised latents; the ``latents / std + mean`` de-normalisation and the final clamp included).
+  ``AutoencoderKLWan.decode`` walks the latent frames in a Python loop with a causal-conv feature cache; exporting
+  that loop unrolled fixed the graph to one frame count and made it grow with it (546 s to export at Wan's 21
+  latent frames on 2 CPU cores). Here the cache is the graph's state instead: ``first`` decodes latent frame 0
+  (``latents`` (1, C, 1, h, w) → ``video`` (1, 3, 1, H, W) and ``cache_*``), ``step`` decodes any later frame
+  (``latents`` + ``cache_*`` → ``video`` (1, 3, T, H, W), T = the VAE's temporal factor, and ``next_cache_*``).
+  A cache slot that the first frame leaves empty (or marks ``"Rep"``) starts as zeros, which is what diffusers'
+  causal padding computes, so :func:`stream_decode` equals ``vae.decode`` exactly, for any frame count; batch 1
+  (the runtime loops over the batch).
 
 :func:`parity` runs a graph in ONNX Runtime against the torch module on the same inputs and returns max abs/rel
 error; :func:`check_onnx` runs ``onnx.checker`` on the file.
@@ -131,10 +136,111 @@ def export_text_encoder(text_encoder: nn.Module, path: Path, example: Mapping[st
             text_encoder.set_attn_implementation(previous)
 
 
-def export_vae_decoder(vae: nn.Module, path: Path, example: Mapping[str, torch.Tensor], opset: int) -> Path:
-    """Export the VAE decoder for the example's latent shape (batch 1, fixed frame count; see module doc)."""
+def decoder_cache_shapes(vae: nn.Module, latent_hw: Sequence[int]) -> list:
+    """The decoder's causal-conv cache per slot in steady state (after two latent frames, batch 1): its shape, or
+    None for a slot that never holds a tensor."""
+    if getattr(vae.config, "patch_size", None) is not None:
+        raise NotImplementedError("the streaming VAE decoder covers Wan2.1's VAE (patch_size None), not Wan2.2's")
+    n = vae._cached_conv_counts["decoder"]
+    with torch.no_grad():
+        x = vae.post_quant_conv(torch.zeros(1, vae.config.z_dim, 2, *latent_hw))
+        feat = [None] * n
+        vae.decoder(x[:, :, :1], feat_cache=feat, feat_idx=[0], first_chunk=True)
+        vae.decoder(x[:, :, 1:], feat_cache=feat, feat_idx=[0])
+    return [tuple(f.shape) if torch.is_tensor(f) else None for f in feat]
+
+
+def steady_caches(feat: Sequence, shapes: Sequence, like: torch.Tensor) -> list[torch.Tensor]:
+    """The causal-conv caches after the first frame, in their steady-state shapes: a slot left empty (or marked
+    ``"Rep"`` by an upsampler that skipped frame 0) is zeros, a slot holding one frame gets a zero frame in front —
+    both exactly what diffusers' causal zero padding computes — so one step graph serves every later frame."""
+    caches = []
+    for f, shape in zip(feat, shapes):
+        if shape is None:
+            continue
+        if not torch.is_tensor(f):
+            f = like.new_zeros(shape)
+        elif f.shape[2] < shape[2]:
+            f = torch.cat([f.new_zeros((*f.shape[:2], shape[2] - f.shape[2], *f.shape[3:])), f], 2)
+        caches.append(f)
+    return caches
+
+
+def cache_names(shapes: Sequence) -> list[str]:
+    return [f"cache_{k:02d}" for k, s in enumerate(shapes) if s is not None]
+
+
+class VaeDecoderFirst(VaeDecoderGraph):
+    """Latent frame 0 (1, C, 1, h, w) → (video (1, 3, 1, H, W), the steady-state caches): see the module doc."""
+
+    def __init__(self, vae: nn.Module, shapes: Sequence):
+        super().__init__(vae)
+        self.shapes = list(shapes)
+
+    def forward(self, latents):
+        x = self.vae.post_quant_conv(latents / self.inv_std + self.mean)
+        feat = [None] * len(self.shapes)
+        video = self.vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=True)
+        return (video.clamp(-1.0, 1.0), *steady_caches(feat, self.shapes, x))
+
+
+class VaeDecoderStep(VaeDecoderFirst):
+    """One later latent frame (1, C, 1, h, w) and the caches → (video (1, 3, T, H, W), the next caches)."""
+
+    def forward(self, latents, *caches):
+        it = iter(caches)
+        feat = [None if shape is None else next(it) for shape in self.shapes]
+        x = self.vae.post_quant_conv(latents / self.inv_std + self.mean)
+        video = self.vae.decoder(x, feat_cache=feat, feat_idx=[0])
+        return (video.clamp(-1.0, 1.0), *[f for f, shape in zip(feat, self.shapes) if shape is not None])
+
+
+def stream_decode(first: Callable, step: Callable, names: Sequence[str], latents: torch.Tensor) -> torch.Tensor:
+    """Decode (1, C, F, h, w) one latent frame at a time: ``first(latents=…)`` and ``step(latents=…, **caches)``
+    each return ``[video, *caches]`` (torch modules, ONNX Runtime sessions or TensorRT engines alike)."""
+    out = first(latents=latents[:, :, :1])
+    videos, caches = [out[0]], list(out[1:])
+    for i in range(1, latents.shape[2]):
+        out = step(latents=latents[:, :, i:i + 1], **dict(zip(names, caches)))
+        videos.append(out[0])
+        caches = list(out[1:])
+    return torch.cat([torch.as_tensor(v) for v in videos], 2)
+
+
+def export_vae_decoder(vae: nn.Module, onnx_dir: Path, example: Mapping[str, torch.Tensor], opset: int
+                       ) -> tuple[Path, Path]:
+    """Export the streaming VAE decoder (``vae_decoder_first.onnx``, ``vae_decoder_step.onnx``) for the example's
+    latent height and width (any frame count, batch 1; see the module doc)."""
     latents = example["latents"][:1]
-    return _export(VaeDecoderGraph(vae), (latents,), path, ["latents"], ["video"], None, opset)
+    shapes = decoder_cache_shapes(vae, latents.shape[3:])
+    names = cache_names(shapes)
+    first_graph, step_graph = VaeDecoderFirst(vae, shapes).eval(), VaeDecoderStep(vae, shapes).eval()
+    first = _export(first_graph, (latents[:, :, :1],), Path(onnx_dir) / "vae_decoder_first.onnx", ["latents"],
+                    ["video", *names], None, opset)
+    with torch.no_grad():
+        caches = first_graph(latents[:, :, :1])[1:]
+    step = _export(step_graph, (latents[:, :, 1:2] if latents.shape[2] > 1 else latents, *caches),
+                   Path(onnx_dir) / "vae_decoder_step.onnx", ["latents", *names], ["video", *[f"next_{n}" for n in names]],
+                   None, opset)
+    return first, step
+
+
+def ort_runner(sess) -> Callable:
+    """``runner(name=tensor, ...) → [torch outputs]`` over an ONNX Runtime session (for :func:`stream_decode`)."""
+    return lambda **feed: [torch.from_numpy(a) for a in sess.run(None, {k: v.detach().cpu().float().numpy()
+                                                                          for k, v in feed.items()})]
+
+
+def decoder_parity(onnx_dir: Path, vae: nn.Module, latents: torch.Tensor, providers=("CPUExecutionProvider",)
+                   ) -> "Parity":
+    """The two streaming graphs in ONNX Runtime, frame by frame, against ``vae.decode`` (de-normalised, clamped)."""
+    first, step = session(Path(onnx_dir) / "vae_decoder_first.onnx", providers), session(
+        Path(onnx_dir) / "vae_decoder_step.onnx", providers)
+    names = [i.name for i in step.get_inputs()][1:]
+    ours = stream_decode(ort_runner(first), ort_runner(step), names, latents[:1])
+    with torch.no_grad():
+        ref = VaeDecoderGraph(vae)(latents[:1])
+    return compare(ours.numpy(), ref.numpy())
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -198,10 +304,8 @@ def parity(path: Path, torch_fn: Callable[..., torch.Tensor], inputs: Mapping[st
 # in each node's stack trace, so the bidirectional release stays byte-identical)
 class VaeEncoderGraph(nn.Module):
     """``video (B, 3, F_px, H, W) in [−1, 1] → (mode(q(z|x)) − mean) / std`` (B, C, F, h, w), as
-    :func:`anyflow.models.teacher.encode_video` (the mode is the mean half of the posterior's moments).
-
-    Exported for FAR releases as ``vae_encoder_f{n}.onnx`` (:func:`export_vae_encoder`): the encoder's causal
-    frame loop is unrolled like the decoder's, so one graph per pixel frame count n (I2V/V2V context), batch 1."""
+    :func:`anyflow.models.teacher.encode_video` (the mode is the mean half of the posterior's moments). The
+    reference of the streaming encoder graphs (:func:`export_vae_encoder`)."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -215,6 +319,90 @@ class VaeEncoderGraph(nn.Module):
         return (z.float() - self.mean) / self.std
 
 
-def export_vae_encoder(vae: nn.Module, path: Path, example: Mapping[str, torch.Tensor], opset: int) -> Path:
-    """Export the VAE encoder for the example's pixel frame count (batch 1, fixed frame count)."""
-    return _export(VaeEncoderGraph(vae), (example["video"][:1],), path, ["video"], ["latents"], None, opset)
+# The encoder as a stream, like the decoder (FAR I2V/V2V context): ``vae_encoder_first.onnx`` encodes pixel frame 0
+# (video (1, 3, 1, H, W) → latents (1, C, 1, h, w) and ``cache_*``), ``vae_encoder_step.onnx`` each later chunk of
+# ENCODER_CHUNK pixel frames (the chunk AutoencoderKLWan._encode walks) with the caches (→ latents (1, C, 4 / T, h, w)
+# and ``next_cache_*``); any pixel frame count, batch 1.
+ENCODER_CHUNK = 4
+
+
+def encoder_cache_shapes(vae: nn.Module, video_hw: Sequence[int]) -> list:
+    """The encoder's causal-conv cache per slot after frame 0 and one chunk (batch 1); None for an unused slot."""
+    if getattr(vae.config, "patch_size", None) is not None:
+        raise NotImplementedError("the streaming VAE encoder covers Wan2.1's VAE (patch_size None), not Wan2.2's")
+    n = vae._cached_conv_counts["encoder"]
+    with torch.no_grad():
+        feat = [None] * n
+        vae.encoder(torch.zeros(1, 3, 1, *video_hw), feat_cache=feat, feat_idx=[0])
+        vae.encoder(torch.zeros(1, 3, ENCODER_CHUNK, *video_hw), feat_cache=feat, feat_idx=[0])
+    return [tuple(f.shape) if torch.is_tensor(f) else None for f in feat]
+
+
+class VaeEncoderFirst(VaeEncoderGraph):
+    """Pixel frame 0 (1, 3, 1, H, W) → (normalised latents (1, C, 1, h, w), the steady-state caches)."""
+
+    def __init__(self, vae: nn.Module, shapes: Sequence):
+        super().__init__(vae)
+        self.shapes = list(shapes)
+
+    def latents(self, h):
+        z = self.vae.quant_conv(h)[:, :self.vae.config.z_dim]  # the posterior's mean half: its mode
+        return (z.float() - self.mean) / self.std
+
+    def forward(self, video):
+        feat = [None] * len(self.shapes)
+        h = self.vae.encoder(video, feat_cache=feat, feat_idx=[0])
+        return (self.latents(h), *steady_caches(feat, self.shapes, video))
+
+
+class VaeEncoderStep(VaeEncoderFirst):
+    """A chunk of ENCODER_CHUNK later pixel frames and the caches → (its latents, the next caches)."""
+
+    def forward(self, video, *caches):
+        it = iter(caches)
+        feat = [None if shape is None else next(it) for shape in self.shapes]
+        h = self.vae.encoder(video, feat_cache=feat, feat_idx=[0])
+        return (self.latents(h), *[f for f, shape in zip(feat, self.shapes) if shape is not None])
+
+
+def stream_encode(first: Callable, step: Callable, names: Sequence[str], video: torch.Tensor) -> torch.Tensor:
+    """Encode (1, 3, F_px, H, W) chunk by chunk with ``first(video=…)`` / ``step(video=…, **caches)``: frame 0, then
+    every whole chunk of ENCODER_CHUNK frames — the frames ``AutoencoderKLWan._encode`` reads (it leaves a partial
+    last chunk out, and so does this)."""
+    n = video.shape[2]
+    out = first(video=video[:, :, :1])
+    latents, caches = [out[0]], list(out[1:])
+    for i in range(1, 1 + ENCODER_CHUNK * ((n - 1) // ENCODER_CHUNK), ENCODER_CHUNK):
+        out = step(video=video[:, :, i:i + ENCODER_CHUNK], **dict(zip(names, caches)))
+        latents.append(out[0])
+        caches = list(out[1:])
+    return torch.cat([torch.as_tensor(z) for z in latents], 2)
+
+
+def export_vae_encoder(vae: nn.Module, onnx_dir: Path, example: Mapping[str, torch.Tensor], opset: int
+                       ) -> tuple[Path, Path]:
+    """Export the streaming VAE encoder (``vae_encoder_first.onnx``, ``vae_encoder_step.onnx``) for the example's
+    height and width (any pixel frame count, batch 1)."""
+    video = example["video"][:1]
+    shapes = encoder_cache_shapes(vae, video.shape[3:])
+    names = cache_names(shapes)
+    first_graph, step_graph = VaeEncoderFirst(vae, shapes).eval(), VaeEncoderStep(vae, shapes).eval()
+    first = _export(first_graph, (video[:, :, :1],), Path(onnx_dir) / "vae_encoder_first.onnx", ["video"],
+                    ["latents", *names], None, opset)
+    with torch.no_grad():
+        caches = first_graph(video[:, :, :1])[1:]
+    chunk = torch.rand((1, 3, ENCODER_CHUNK, *video.shape[3:]), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    step = _export(step_graph, (chunk, *caches), Path(onnx_dir) / "vae_encoder_step.onnx", ["video", *names],
+                   ["latents", *[f"next_{n}" for n in names]], None, opset)
+    return first, step
+
+
+def encoder_parity(onnx_dir: Path, vae: nn.Module, video: torch.Tensor, sessions=None) -> Parity:
+    """The two streaming encoder graphs in ONNX Runtime, chunk by chunk, against :class:`VaeEncoderGraph`."""
+    first, step = sessions or (session(Path(onnx_dir) / "vae_encoder_first.onnx"),
+                               session(Path(onnx_dir) / "vae_encoder_step.onnx"))
+    names = [i.name for i in step.get_inputs()][1:]
+    ours = stream_encode(ort_runner(first), ort_runner(step), names, video[:1])
+    with torch.no_grad():
+        ref = VaeEncoderGraph(vae)(video[:1])
+    return compare(ours.numpy(), ref.numpy())

@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ONNX_FILES = {"transformer": "onnx/transformer.onnx", "text_encoder": "onnx/text_encoder.onnx",
-              "vae_decoder": "onnx/vae_decoder.onnx"}
-VAE_ENCODER_FILE = "onnx/vae_encoder_f{frames}.onnx"  # FAR releases: one per context length (pixel frames)
+              "vae_decoder_first": "onnx/vae_decoder_first.onnx", "vae_decoder_step": "onnx/vae_decoder_step.onnx"}
+# FAR releases: the streaming VAE encoder for I2V/V2V contexts of any length (anyflow.export.onnx_export)
+VAE_ENCODER_FILES = {"vae_encoder_first": "onnx/vae_encoder_first.onnx",
+                     "vae_encoder_step": "onnx/vae_encoder_step.onnx"}
 ENGINE_FILES = {"transformer": "tensorrt/transformer.engine", "text_encoder": "tensorrt/text_encoder.engine",
-                "vae_decoder": "tensorrt/vae_decoder.engine"}
+                "vae_decoder_first": "tensorrt/vae_decoder_first.engine",
+                "vae_decoder_step": "tensorrt/vae_decoder_step.engine"}
 
 
 class Backend(Protocol):
@@ -274,30 +277,30 @@ class OnnxBackend:
         return self.far_step
 
     def encode_video(self, video_BCFHW):
-        """Video (B, 3, F_px, H, W) in [−1, 1] → normalised latents through ``onnx/vae_encoder_f{F_px}.onnx`` (a
-        FAR release exports one per context length, batch 1: loop over the batch); none for F_px names the file."""
-        from anyflow.export.onnx_export import session
+        """Video (B, 3, F_px, H, W) in [−1, 1] → normalised latents through the streaming encoder graphs
+        (``onnx/vae_encoder_{first,step}.onnx``, a FAR release's I2V/V2V context; any length, batch 1: loop over
+        the batch); a release without them names the file."""
+        from anyflow.export.onnx_export import ort_runner, session, stream_encode
 
-        n = int(video_BCFHW.shape[2])
-        rel = VAE_ENCODER_FILE.format(frames=n)
-        if rel not in self.sessions:
-            path = self.root / rel
-            if not path.is_file():
-                have = sorted(p.name for p in (self.root / "onnx").glob("vae_encoder_f*.onnx"))
-                raise NotImplementedError(f"{path}: no VAE encoder graph for a {n}-frame context in this release "
-                                          f"(it has {have or 'none'}); use --backend torch")
-            self.sessions[rel] = session(path, self.providers, self.threads)
-        sess = self.sessions[rel]
-        return torch.cat([torch.from_numpy(sess.run(None, {"video": v[None].float().contiguous().numpy()})[0])
+        if "vae_encoder_step" not in self.sessions:
+            for key, rel in VAE_ENCODER_FILES.items():
+                if not (self.root / rel).is_file():
+                    raise NotImplementedError(f"{self.root / rel}: no VAE encoder graph in this release (exported "
+                                              "with export.components without vae_decoder?); use --backend torch")
+                self.sessions[key] = session(self.root / rel, self.providers, self.threads)
+        first, step = self.sessions["vae_encoder_first"], self.sessions["vae_encoder_step"]
+        names = [i.name for i in step.get_inputs()][1:]
+        return torch.cat([stream_encode(ort_runner(first), ort_runner(step), names, v[None].float().contiguous())
                           for v in video_BCFHW])
 
     def decode(self, z_BCFHW):
-        # the decoder graph is batch 1 (the causal-conv frame loop is unrolled at export); loop over the batch
-        frames = self.sessions["vae_decoder"].get_inputs()[0].shape[2]
-        if isinstance(frames, int) and z_BCFHW.shape[2] != frames:
-            raise ValueError(f"{self.root / ONNX_FILES['vae_decoder']}: exported for {frames} latent frames, got "
-                             f"{z_BCFHW.shape[2]} (another --length-chunks?); use --backend torch for other lengths")
-        return torch.cat([self._run("vae_decoder", latents=z[None].float().contiguous()) for z in z_BCFHW])
+        # the streaming decoder (onnx_export.stream_decode): one latent frame per call, any frame count, batch 1
+        from anyflow.export.onnx_export import ort_runner, stream_decode
+
+        first, step = self.sessions["vae_decoder_first"], self.sessions["vae_decoder_step"]
+        names = [i.name for i in step.get_inputs()][1:]
+        return torch.cat([stream_decode(ort_runner(first), ort_runner(step), names, z[None].float().contiguous())
+                          for z in z_BCFHW])
 
 
 class TensorRTBackend:
@@ -324,7 +327,11 @@ class TensorRTBackend:
         return self.runners["transformer"](latents=latents.float(), t=t.float(), r=r.float(), text_embeds=text.float())
 
     def decode(self, z_BCFHW):
-        return torch.cat([self.runners["vae_decoder"](latents=z[None].float()) for z in z_BCFHW])
+        from anyflow.export.onnx_export import stream_decode
+
+        first, step = self.runners["vae_decoder_first"], self.runners["vae_decoder_step"]
+        names = [n for n in step.inputs if n != "latents"]
+        return torch.cat([stream_decode(first.run_all, step.run_all, names, z[None].float()) for z in z_BCFHW])
 
 
 def make_backend(name: str, root: str | Path, threads: int = 0) -> Backend:

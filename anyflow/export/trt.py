@@ -99,7 +99,8 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str = "fp16",
 
 
 class TrtRunner:
-    """Run one engine on torch CUDA tensors: ``runner(name=tensor, ...) → first output`` (on CPU, float32)."""
+    """Run one engine on torch CUDA tensors: ``runner(name=tensor, ...) → first output`` (on CPU, float32);
+    :meth:`run_all` returns every output."""
 
     def __init__(self, engine_path: Path):
         trt = require_tensorrt()
@@ -120,6 +121,10 @@ class TrtRunner:
         return torch.from_numpy(np.zeros(1, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.run_all(**inputs)[0]
+
+    def run_all(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in the engine's order (the streaming VAE decoder returns its next caches too)."""
         stream = torch.cuda.current_stream()
         keep = []
         for name in self.inputs:
@@ -135,4 +140,4 @@ class TrtRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
-        return outs[0].float().cpu()
+        return [y.float().cpu() for y in outs]
