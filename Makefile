@@ -34,10 +34,10 @@ demo: install
 # Two workers (pytest-xdist), a test file per worker at a time; TEST_JOBS=1 runs it in one process.
 TEST_JOBS ?= 2
 test: install
-	$(BIN)/pytest -q -ra -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/pytest -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # The wan-1.3b profile end to end on the random-weight wan-mini fixture (Wan2.1-T2V-1.3B-Diffusers' layout), in a
 # temporary workspace, on CPUs: dvc repro (teacher check ... export, bf16 stage 1), promote, pull, generate, and the

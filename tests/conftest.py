@@ -9,8 +9,9 @@ import pytest
 import torch
 
 # `make test` runs the suite on two workers (pytest-xdist, --dist loadfile: a file stays on one worker, so its
-# module fixtures are built once). Files are handed out in collection order, so the longest go first — otherwise
-# one of them starts last and the other worker idles. Longest first, from `pytest --durations` on the 2-core CI
+# module fixtures are built once). With --no-loadscope-reorder files are handed out in collection order (xdist's
+# default reorders them by their number of tests, which started the one-test 6-minute e2e file near the end), so
+# the longest go first — otherwise one of them starts last and the other worker idles. Longest first, from `pytest --durations` on the 2-core CI
 # machine (2026-12-02); files not listed keep their order after these.
 LONGEST_FIRST = ("test_e2e_toy.py", "test_far_training.py", "test_kill_resume.py", "test_gate_stage.py",
                  "test_flows.py", "test_prefect_server.py", "test_far_release_onnx.py", "test_stage2.py",
