@@ -14,7 +14,7 @@ import torch
 # the longest go first — otherwise one of them starts last and the other worker idles. Longest first, from `pytest --durations` on the 2-core CI
 # machine (2026-12-02); files not listed keep their order after these.
 LONGEST_FIRST = ("test_e2e_toy.py", "test_far_training.py", "test_kill_resume.py", "test_gate_stage.py",
-                 "test_flows.py", "test_prefect_server.py", "test_far_release_onnx.py", "test_stage2.py",
+                 "test_flows.py", "test_prefect_server.py", "test_far_release_onnx.py", "test_far_onnx.py", "test_stage2.py",
                  "test_far_stage2.py", "test_domain.py", "test_stage1.py", "test_export_onnx.py")
 
 
@@ -91,22 +91,23 @@ def shared_build(tmp_path_factory, name: str, build):
 
 
 # [F] export: one tiny exported release (random tiny teacher + random student LoRA → anyflow export), shared by
-# tests/test_export_onnx.py and tests/test_generate.py (~40 s on 2 cores, built once per session).
+# tests/test_export_onnx.py and tests/test_generate.py (~30 s on 2 cores, built once per session across workers;
+# read-only — test_failed_export_leaves_previous_release_untouched runs a failing export at it, which must not touch
+# it, and is what checks that).
 @pytest.fixture(scope="session")
 def tiny_release(tmp_path_factory):
-    from export_fixtures import write_tiny_artifacts
+    from export_fixtures import tiny_config, write_tiny_artifacts
 
-    from anyflow.stages.export import run
+    from anyflow.stages.export import ExportOutputs, metrics_name, run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("export")
-        cfg = write_tiny_artifacts(root)
-        out = run(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    return cfg, root, out
+    def export(root):
+        run(write_tiny_artifacts(root))
+
+    root = shared_build(tmp_path_factory, "tiny_release", export)
+    cfg = tiny_config(root)
+    release = root / "artifacts" / "release"
+    return cfg, root, ExportOutputs(release, release / "manifest.json",
+                                    root / "metrics" / f"{metrics_name(release)}.json")
 
 
 # [A] toy teacher: a MINIMAL toy teacher trained through the real code path (anyflow.models.toy_teacher.train, few

@@ -137,7 +137,7 @@ class SmokeFailed(RuntimeError):
 
 
 def check_release(release: Path, frames: int, size: tuple[int, int]) -> None:
-    """Every file of the manifest verifies (sha256), the three ONNX graphs are in it, and its latent shape has
+    """Every file of the manifest verifies (sha256), the ONNX graphs are in it, and its latent shape has
     Wan's strides (4 in time, 8 in space)."""
     from anyflow.export.manifest import verify_release
 
