@@ -111,6 +111,11 @@ class Teacher:
     eval_prompts: int = 24  # held-out combinations, each twice (different noise)
     eval_steps: int = 50
     guidance_scale: float = 3.0  # measured on the 2000-step teacher: CFG 3 beats 5 on held-out colour (0.58 vs 0.46)
+    # torch intra-op threads on CPU. Part of the result: more threads split float sums differently, so other bytes
+    # (measured on the toy teacher), hence a param, not the machine's core count; dvc.yaml gives the stage as
+    # many of `anyflow repro`'s --jobs slots (meta.threads; tests/test_repro.py ties the two). The teacher runs
+    # alone at the head of the pipeline: 2 threads took its transformer step 0.142 -> 0.090 s (2-core machine)
+    threads: int = 2
 
 
 @section
@@ -124,6 +129,7 @@ class Synthesize:
     steps: int = 50
     guidance_scale: float = 5.0
     negative_prompt: str = ""
+    threads: int = 1  # CPU intra-op threads, part of the result (Teacher.threads); was the machine's core count
 
 
 @section
@@ -222,6 +228,7 @@ class Stage2:
     fake_steps_per_generator_step: int = 1
     ckpt_every: int = 50
     log_every: int = 10
+    threads: int = 2  # CPU intra-op threads, part of the result (Teacher.threads): stage 2 runs alone on the toy
 
 
 @section
@@ -446,6 +453,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.domain.base_mix < 1, "domain.base_mix: must be in [0, 1)"),
         (0 <= cfg.teacher.vae_other_fraction < 1, "teacher.vae_other_fraction: must be in [0, 1)"),
         (cfg.domain.num_samples >= 1, "domain.num_samples: must be >= 1"),
+        *((getattr(cfg, k).threads >= 1, f"{k}.threads: must be >= 1") for k in ("teacher", "synthesize", "stage2")),
         (cfg.domain.batch_size >= 1, "domain.batch_size: must be >= 1"),
         (cfg.domain.distill_weight >= 0, "domain.distill_weight: must be >= 0"),
         (cfg.domain.distill_weight == 0 or cfg.domain.distill_rows != "base" or

@@ -23,10 +23,11 @@ LENIENT = {"total_tolerance": 10.0, "monotone_tolerance": 10.0, "monotone_from_n
 TINY = {
     "model": {"num_layers": 1, "ffn_dim": 64},
     "teacher": {"vae_image_steps": 20, "vae_image_batch_size": 4, "vae_steps": 0, "vae_batch_size": 2, "steps": 10,
-                "batch_size": 4, "eval_prompts": 2, "eval_steps": 2},
+                "batch_size": 4, "eval_prompts": 2, "eval_steps": 2, "threads": 1},  # 1: xdist runs 2 workers
     "synthesize": {"num_samples": 8, "samples_per_shard": 4, "batch_size": 4, "steps": 4},
     "stage1": {"max_steps": 3, "batch_size": 4, "ckpt_every": 2, "log_every": 1},
-    "stage2": {"max_steps": 2, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "num_steps_choices": [2, 4]},
+    "stage2": {"max_steps": 2, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "num_steps_choices": [2, 4],
+               "threads": 1},
     "fvd": {"train_clips": 128, "heldout_clips": 32, "steps": 30, "batch_size": 16, "width": 8, "feature_dim": 32,
             "sanity_clips": 64, "noise_stds": [16.0, 48.0]},
     "gate": {"nfes": [1, 2, 4], "teacher_steps": 4, "num_prompts": 2, "seeds_per_prompt": 1, "num_previews": 1,

@@ -101,3 +101,65 @@ def test_dry_run_lists_what_each_stage_waits_for(project):
     out = sh([str(BIN / "anyflow"), "repro", "--dry"], project)
     assert "c: after a, b" in out.stdout and "a: after nothing" in out.stdout
     assert not (project / "a.txt").exists()
+
+
+def _overlap(root: Path, x: str, y: str) -> bool:
+    return t(root, f"{x}.start") < t(root, f"{y}.txt") and t(root, f"{y}.start") < t(root, f"{x}.txt")
+
+
+def test_a_stage_takes_as_many_slots_as_its_threads(project):
+    """``meta: {threads: 2}`` (a 2-thread stage) takes both of 2 slots: nothing runs beside it, though a 1-thread
+    stage is ready the whole time; two 1-thread stages still share the slots, and one that fits starts while a wider
+    one waits for room (w waits on a, b runs beside a)."""
+    (project / "dvc.yaml").write_text("""\
+stages:
+  wide:
+    cmd: date +%s.%N > wide.start && sleep 2 && date +%s.%N > wide.txt
+    outs: [wide.txt]
+    meta: {threads: 2}
+  a:
+    cmd: date +%s.%N > a.start && sleep 3 && date +%s.%N > a.txt
+    deps: [wide.txt]
+    outs: [a.txt]
+  b:
+    cmd: date +%s.%N > b.start && sleep 1 && date +%s.%N > b.txt
+    outs: [b.txt]
+  w:
+    cmd: date +%s.%N > w.start && sleep 1 && date +%s.%N > w.txt
+    deps: [wide.txt]
+    outs: [w.txt]
+    meta: {threads: 2}
+  z:
+    cmd: date +%s.%N > z.start && date +%s.%N > z.txt
+    deps: [a.txt, w.txt]
+    outs: [z.txt]
+""")
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    for one in ("a", "b"):
+        assert not _overlap(project, "wide", one), out.stdout
+    assert not _overlap(project, "w", "a") and not _overlap(project, "w", "b"), out.stdout
+    assert t(project, "wide.start") < t(project, "b.start")  # the longer chain first, b after it
+    bad = project / "dvc.yaml"
+    bad.write_text(bad.read_text().replace("meta: {threads: 2}", "meta: {threads: 0}", 1))
+    out = sh([str(BIN / "anyflow"), "repro", "--dry"], project, check=False)
+    assert out.returncode != 0 and "stage 'wide': meta.threads must be an integer >= 1" in out.stdout + out.stderr
+
+
+def test_meta_threads_match_the_stages_threads_params():
+    """dvc.yaml's scheduling hint and the thread count the stage runs on (its params) are one number: a 2-thread
+    stage scheduled as 1 slot would run beside another and slow both, one scheduled as 2 on 1 thread idles a core."""
+    import yaml
+
+    from anyflow.config import load
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "params.yaml")
+    section = {"teacher": "teacher", "synthesize": "synthesize", "stage2": "stage2", "far_stage2": "stage2"}
+    seen = set()
+    for dvc_yaml in ("dvc.yaml", "far/dvc.yaml"):
+        stages = yaml.safe_load((root / dvc_yaml).read_text())["stages"]
+        for name, stage in stages.items():
+            if name in section:
+                seen.add(name)
+                assert (stage.get("meta") or {}).get("threads", 1) == getattr(cfg, section[name]).threads, name
+    assert seen == set(section)

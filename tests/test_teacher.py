@@ -121,3 +121,39 @@ def test_vae_training_clips_mix_in_the_other_domain():
     ref, _ = _clips(specs, 64, np.random.default_rng(4), cfg)
     kept = ~is_road
     assert torch.equal(mixed[torch.from_numpy(kept)], ref[torch.from_numpy(kept)])
+
+
+def test_single_frame_convs_give_the_same_reconstruction_and_gradients():
+    """The VAE's image phase convolves with the newest temporal tap only (toy_teacher.single_frame_convs): the same
+    reconstruction and the same gradient for every parameter (older taps: exactly 0 either way) as the stock causal
+    convs with their two zero frames — older taps made non-zero so a dropped tap would show — a clip of several
+    frames goes through untouched, and the stock forward is back after the block."""
+    from anyflow.models import toy_teacher
+
+    cfg = build(profile="toy")
+    vae = toy_teacher.build(cfg, seed=0).vae
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for m in vae.modules():
+            if isinstance(m, torch.nn.Conv3d):
+                m.weight.add_(0.05 * torch.randn(m.weight.shape, generator=g))
+
+    def step(x):
+        vae.zero_grad(set_to_none=True)
+        rec = toy_teacher.decode_unclamped(vae, vae.encode(x).latent_dist.mean)
+        (rec - x).pow(2).mean().backward()
+        return rec.detach(), {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+
+    for frames in (1, 5):
+        x = torch.randn(2, 3, frames, 32, 32, generator=g)
+        stock_rec, stock_grads = step(x)
+        with toy_teacher.single_frame_convs(vae):
+            rec, grads = step(x)
+        torch.testing.assert_close(rec, stock_rec, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == stock_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], stock_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert not any("forward" in vars(m) for m in vae.modules())
+    older = [m.weight.grad[:, :, :-1] for m in vae.modules()
+             if isinstance(m, torch.nn.Conv3d) and m.weight.grad is not None and m.kernel_size[0] == 3]
+    assert older and any(t.abs().max() > 0 for t in older)  # the 5-frame clip trained the older taps (last step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,38 @@ def per_frame_init(vae) -> None:
                 mod.weight[:, :, :-1].zero_()
 
 
+@contextmanager
+def single_frame_convs(vae):
+    """Within the block, a causal 3-D conv of the VAE that sees ONE frame and no cache (an image: F = 1, the first
+    chunk) convolves with its newest temporal tap only, instead of padding two zero frames in front and convolving
+    all three taps. The same function and gradients (the older taps only ever multiply those zeros: their gradient is
+    exactly 0 either way) in a third of the FLOPs; the VAE's image phase trains ~2x faster. The convs get their
+    stock ``forward`` back on exit (also on error); nothing is saved with the patch."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    patched = []
+
+    def image_forward(mod, stock):
+        def forward(x, cache_x=None):
+            if cache_x is not None or x.shape[2] != 1:
+                return stock(x, cache_x)
+            pad = list(mod._padding)
+            pad[4] = 0  # the causal zero frames, which only the older taps would see
+            return F.conv3d(F.pad(x, pad), mod.weight[:, :, -1:], mod.bias, mod.stride, 0, mod.dilation, mod.groups)
+        return forward
+
+    for mod in vae.modules():
+        if (isinstance(mod, WanCausalConv3d) and mod.kernel_size[0] == 3 and mod._padding[4] == 2
+                and mod.stride[0] == 1 and mod.dilation[0] == 1):
+            patched.append(mod)
+            mod.forward = image_forward(mod, mod.forward)
+    try:
+        yield vae
+    finally:
+        for mod in patched:
+            del mod.forward  # the instance attribute: the class's forward again
+
+
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     """``AutoencoderKLWan._decode`` without its final clamp to [−1, 1] (training only: the clamp has zero gradient
     wherever the output overshoots, e.g. just below the dark background at −0.8, which stalls learning)."""
@@ -171,25 +204,33 @@ def train_vae(vae, cfg: Config, specs, steps: int, batch_size: int, lr: float, s
     phases = [("vae/image", image_steps, image_batch_size, True, lr), ("vae/video", steps, batch_size, False,
                                                                       0.3 * lr)]
     for desc, n, bs, image, peak in phases:
-        for step in tqdm(range(n), disable=not progress or n == 0, desc=desc):
-            x = _vae_clips(specs, bs, rng, cfg, other_fraction if image else 0.0)
-            if image:  # one random frame per clip
-                x = x[:, :, int(rng.integers(0, x.shape[2])):][:, :, :1]
-            post = vae.encode(x).latent_dist
-            rec = decode_unclamped(vae, post.mean)
-            kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-            w = 1.0 + fg_weight * ((x - bg).abs().sum(1, keepdim=True) > 0.05).float()
-            loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() + kl_weight * kl
-            warm = min(1.0, (step + 1) / 20)
-            for g in opt.param_groups:  # warm-up + cosine decay per phase
-                g["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * step / max(n, 1)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+        with single_frame_convs(vae) if image else nullcontext():
+            _train_phase(vae, opt, cfg, specs, rng, bg, losses, desc, n, bs, image, peak, progress, other_fraction,
+                         kl_weight, fg_weight)
     vae.eval().requires_grad_(False)
     return losses
+
+
+def _train_phase(vae, opt, cfg, specs, rng, bg, losses, desc, n, bs, image, peak, progress, other_fraction,
+                 kl_weight, fg_weight) -> None:
+    """One phase of :func:`train_vae` (image or video): ``n`` steps, appending to ``losses``."""
+    for step in tqdm(range(n), disable=not progress or n == 0, desc=desc):
+        x = _vae_clips(specs, bs, rng, cfg, other_fraction if image else 0.0)
+        if image:  # one random frame per clip
+            x = x[:, :, int(rng.integers(0, x.shape[2])):][:, :, :1]
+        post = vae.encode(x).latent_dist
+        rec = decode_unclamped(vae, post.mean)
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        w = 1.0 + fg_weight * ((x - bg).abs().sum(1, keepdim=True) > 0.05).float()
+        loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() + kl_weight * kl
+        warm = min(1.0, (step + 1) / 20)
+        for g in opt.param_groups:  # warm-up + cosine decay per phase
+            g["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * step / max(n, 1)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
 
 
 @torch.no_grad()

@@ -107,3 +107,17 @@ def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale:
     return torch.cat([teacher_ode_sample(teacher, data.noise[i:min(m, i + batch)],
                                          data.prompt_embeds[i:min(m, i + batch)], negative, cfg.synthesize.steps,
                                          guidance_scale, cfg.model.flow_shift) for i in range(0, m, batch)])
+
+
+def use_threads(n: int) -> int:
+    """Set torch's CPU intra-op threads to ``n`` (a stage's ``threads`` param); returns the previous count.
+
+    The count is part of a stage's result, not a tuning knob: more threads split float sums (GEMM blocks,
+    reductions) differently, so the same inputs give other bytes. It is therefore a params.yaml field, never the
+    machine's core count, and ``anyflow repro`` gives the stage as many of its ``--jobs`` slots (dvc.yaml
+    ``meta.threads``): two 2-thread stages side by side on 2 cores ran up to 5x slower than one after the other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before

@@ -11,9 +11,12 @@ its repository lock while it reads and writes ``dvc.lock`` and releases it while
 ends exactly as after ``dvc repro`` (tests/test_repro.py).
 
 Order: among the stages whose dependencies are done, the one with the longest chain of stages after it starts
-first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it). A stage whose
-``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their timings are the measurement) runs alone: only
-when nothing else runs and no other stage can start, and nothing starts beside it. A failing stage skips
+first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it). A stage with
+``meta: {threads: n}`` in dvc.yaml (its ``threads`` param: the torch intra-op threads it runs on) takes n of the
+``--jobs`` slots, so a 2-thread stage runs alone on 2 cores (side by side with another busy process it ran up to 5x
+slower); a stage that needs more slots than are free waits, and a lower-priority one that fits starts meanwhile.
+A stage whose ``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their timings are the measurement)
+runs alone: only when nothing else runs and no other stage can start, and nothing starts beside it. A failing stage skips
 every stage downstream of it and lets the others finish (``dvc repro --keep-going``); the exit status is 1 then.
 One runner per workspace: DVC's per-file locks make a second runner's (or a plain ``dvc repro``'s) stage fail with
 "... is busy"; give every target to one call. Each stage's output goes to ``<logs>/<stage>.log`` (default
@@ -52,6 +55,7 @@ class Plan:
     deps: dict[str, set[str]]
     exclusive: set[str] = field(default_factory=set)
     priority: dict[str, int] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)  # slots a stage takes (dvc.yaml meta.threads; default 1)
 
     def __post_init__(self):
         after: dict[str, set[str]] = {s: set() for s in self.deps}
@@ -87,8 +91,15 @@ def plan(root: Path, targets: list[str]) -> Plan:
         for t in targets:
             stages.update(repo.stage.collect(t, with_deps=True))
         graph = repo.index.graph  # edges: stage → a stage whose outputs it depends on
+        meta = {s.addressing: getattr(s, "meta", None) or {} for s in stages}
+        threads = {}
+        for s, m in meta.items():
+            n = m.get("threads", 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"dvc.yaml: stage {s!r}: meta.threads must be an integer >= 1, got {n!r}")
+            threads[s] = n
         return Plan({s.addressing: {d.addressing for d in graph.successors(s) if d in stages} for s in stages},
-                    {s.addressing for s in stages if (getattr(s, "meta", None) or {}).get("exclusive")})
+                    {s for s, m in meta.items() if m.get("exclusive")}, threads=threads)
 
 
 def _fmt(seconds: float) -> str:
@@ -129,8 +140,12 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                 ready = []  # only exclusive stages are ready: wait until the others ended
             else:
                 ready = ready[:1]
-            while ready and len(running) < jobs:
-                s = ready.pop(0)
+            used = sum(p.threads.get(r, 1) for r in running)
+            for s in list(ready):
+                need = p.threads.get(s, 1)
+                if running and used + need > jobs:  # no room: a stage wider than --jobs starts only alone
+                    continue
+                used += need
                 pending.discard(s)
                 log = logs / _log_name(s)
                 fh = open(log, "w")

@@ -38,7 +38,7 @@ from types import SimpleNamespace
 
 from anyflow.config import Config
 from anyflow.eval.latent_stats import distribution_metrics
-from anyflow.stages.common import StagePaths, eval_reference, teacher_transformer
+from anyflow.stages.common import StagePaths, eval_reference, teacher_transformer, use_threads
 from anyflow.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     import torch
 
     warnings.filterwarnings("ignore", message=".*(peft_config|was active which is now deleted).*")
-    torch.set_num_threads(1)
+    use_threads(cfg.stage2.threads)  # part of the result; the toy's stage 2 runs alone on 2 (dvc.yaml meta.threads)
     paths = StagePaths.of(cfg)
     t_start = time.perf_counter()
     arch = cfg.student.architecture

@@ -99,10 +99,24 @@ def synth_shard(pipe, cfg: Config, indices: list[int], prompts: list[str], neg, 
 
 def run(cfg: Config, teacher_dir: Path | None = None, out_dir: Path | None = None, shard: tuple[int, int] = (0, 1),
         progress: bool = True, fail_after: int | None = None) -> dict:
-    """Write the shards assigned to ``shard`` (i, n) and the merged manifest; returns metrics.
+    """Write the shards assigned to ``shard`` (i, n) and the merged manifest; returns metrics. Runs on
+    ``synthesize.threads`` CPU threads (part of the result, :func:`anyflow.stages.common.use_threads`).
 
     ``fail_after`` (tests only) raises after that many shards were written in this call, simulating a crash.
     """
+    import torch
+
+    from anyflow.stages.common import use_threads
+
+    before = use_threads(cfg.synthesize.threads)
+    try:
+        return _run(cfg, teacher_dir, out_dir, shard, progress, fail_after)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: Config, teacher_dir: Path | None, out_dir: Path | None, shard: tuple[int, int], progress: bool,
+         fail_after: int | None) -> dict:
     from tqdm.auto import tqdm
 
     from anyflow.data.shards import NEGATIVE, shard_name, write_manifest, write_shard, write_tensors

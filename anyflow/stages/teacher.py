@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths
+from anyflow.stages.common import StagePaths, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,9 @@ def run(cfg: Config, out_dir: Path | None = None, progress: bool = True, evaluat
     import torch
 
     out_dir = Path(out_dir) if out_dir is not None else StagePaths.of(cfg).teacher
-    # One intra-op thread: measured on the shared 2-core machine, 2 threads next to another busy process made the
-    # VAE phase ~5x slower (12 min instead of 1.5 min); one thread costs little when the machine is idle.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # teacher.threads (2 on the toy): the stage runs alone (anyflow repro gives it that many --jobs slots: next to
+    # another busy process 2 threads made the VAE phase ~5x slower); the count is part of the result
+    threads = use_threads(cfg.teacher.threads)
     try:
         t0 = time.time()
         teacher, metrics = toy_teacher.train(cfg, progress=progress)
