@@ -228,7 +228,10 @@ class Stage2:
     fake_steps_per_generator_step: int = 1
     ckpt_every: int = 50
     log_every: int = 10
-    threads: int = 2  # CPU intra-op threads, part of the result (Teacher.threads): stage 2 runs alone on the toy
+    # CPU intra-op threads, part of the result (Teacher.threads). Measured on the toy (2 cores): 2 threads ran stage 2
+    # in 2 min 45 s instead of 3 min 23 s, but as a 2-slot stage it waited 80 s for the consistency baseline to
+    # free its core, and ended 25 s later than one thread would have beside it
+    threads: int = 1
 
 
 @section

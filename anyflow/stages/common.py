@@ -93,20 +93,45 @@ def teacher_dir(cfg: Config, paths: StagePaths, override: Optional[str] = None) 
     return root
 
 
-def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale: float, batch: int = 16):
+def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale: float, batch: int = 16,
+                   store: Optional[Path] = None, write: bool = False):
     """The teacher's samples the students are compared with: its ``synthesize.steps``-step ODE solution from the
     shards' first ``m`` noises at CFG ``guidance_scale`` — the shard latents themselves when the data were
     synthesised at that scale, otherwise sampled here (the toy data are unguided while guidance is fused into the
-    student at w = 5, so the student must be compared with the CFG-5 teacher, not with its own unguided data)."""
+    student at w = 5, so the student must be compared with the CFG-5 teacher, not with its own unguided data).
+
+    ``store``: a safetensors file of these samples. Read when its metadata (m, w, steps, shift and the sha256 of the
+    teacher's weights, noises, prompt and negative embeddings they were sampled from) match — stage 1 writes it
+    beside its adapters (``write``) and stage 2, which depends on stage 1's outputs, reads it instead of sampling the
+    same 64 × 50 × 2 teacher evaluations again (16 s of the toy's critical path); anything else is sampled afresh."""
+    import hashlib
+
     import torch
 
     from anyflow.models.teacher import teacher_ode_sample
 
     if guidance_scale == cfg.synthesize.guidance_scale:
         return data.latents[:m]
-    return torch.cat([teacher_ode_sample(teacher, data.noise[i:min(m, i + batch)],
-                                         data.prompt_embeds[i:min(m, i + batch)], negative, cfg.synthesize.steps,
-                                         guidance_scale, cfg.model.flow_shift) for i in range(0, m, batch)])
+    inputs = hashlib.sha256()  # what the samples are a function of: the teacher's weights and the model inputs
+    state = teacher.state_dict()
+    for t in [state[k] for k in sorted(state)] + [data.noise[:m], data.prompt_embeds[:m], negative]:
+        inputs.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    key = {"num_samples": str(m), "guidance_scale": repr(float(guidance_scale)), "steps": str(cfg.synthesize.steps),
+           "flow_shift": repr(float(cfg.model.flow_shift)), "inputs_sha256": inputs.hexdigest()}
+    if store is not None and Path(store).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(store), "pt") as f:
+            if f.metadata() == key:
+                return f.get_tensor("latents")
+    ref = torch.cat([teacher_ode_sample(teacher, data.noise[i:min(m, i + batch)],
+                                        data.prompt_embeds[i:min(m, i + batch)], negative, cfg.synthesize.steps,
+                                        guidance_scale, cfg.model.flow_shift) for i in range(0, m, batch)])
+    if store is not None and write:
+        from anyflow.utils.io import write_safetensors
+
+        write_safetensors(store, {"latents": ref}, metadata=key)
+    return ref
 
 
 def use_threads(n: int) -> int:

@@ -36,6 +36,7 @@ from anyflow.utils.io import write_json
 log = logging.getLogger(__name__)
 
 EVAL_STEPS = (1, 2, 4, 8, 16)
+EVAL_REFERENCE = "eval_reference.safetensors"  # the teacher's samples the evaluation compares with
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,7 +185,8 @@ def run(cfg: Config, max_steps: Optional[int] = None, eval_samples: int = 64, fr
     evaluation = {}
     if eval_samples:
         m = min(eval_samples, data.latents.shape[0])
-        reference = eval_reference(cfg, teacher, data, negative, m, s1.guidance_scale)
+        reference = eval_reference(cfg, teacher, data, negative, m, s1.guidance_scale,
+                                   store=out_dir / EVAL_REFERENCE, write=True)  # stage 2 reads it
         evaluation = evaluate(model, cfg, {"init": init_state, "ema": ema}, data, m, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
     hist = trainer.state.history

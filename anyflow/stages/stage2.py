@@ -219,7 +219,7 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
         progress: bool = True) -> Stage2Outputs:
     from anyflow.data.shards import ShardSet
     from anyflow.models.student import save_adapter, state_to_peft_keys
-    from anyflow.stages.stage1 import output_name as stage1_name
+    from anyflow.stages.stage1 import EVAL_REFERENCE, output_name as stage1_name
     from anyflow.train.stage2 import STUDENT, Stage2Trainer, adapter_params, far_rollout, write_loss_csv
 
     import warnings
@@ -227,7 +227,7 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     import torch
 
     warnings.filterwarnings("ignore", message=".*(peft_config|was active which is now deleted).*")
-    use_threads(cfg.stage2.threads)  # part of the result; the toy's stage 2 runs alone on 2 (dvc.yaml meta.threads)
+    use_threads(cfg.stage2.threads)  # part of the result (dvc.yaml meta.threads gives it as many --jobs slots)
     paths = StagePaths.of(cfg)
     t_start = time.perf_counter()
     arch = cfg.student.architecture
@@ -279,7 +279,8 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     t_eval = time.perf_counter()
     m = min(eval_samples, data.latents.shape[0])
     w_ref = cfg.stage1.guidance_scale  # the scale the student reproduces (fused in stage 1, pulled to in stage 2)
-    reference = eval_reference(cfg, teacher, data, negative, m, w_ref)
+    reference = eval_reference(cfg, teacher, data, negative, m, w_ref,  # stage 1 sampled it already
+                               store=stage1_adapter.parent / EVAL_REFERENCE)
     evaluation = evaluate(student, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
                           cfg.model.flow_shift, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
