@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stage2": ("stage2", "on-policy flow-map distillation (backward simulation + DMD)"),
     "gate": ("gate", "quality across step budgets; exits non-zero when the gate fails"),
     "gate-reference": ("gate_reference", "the gate's teacher rows (teacher 50×CFG and N×CFG), computed once"),
+    "gate-baseline": ("gate_baseline", "the gate's baseline rows (the consistency student), computed beside stage 2"),
     "gate-sanity": ("gate_sanity", "the gate's scorers must rank known-better videos higher; exits 1 if not"),
     "export": ("export", "merge LoRA, save diffusers dir, export ONNX, write the release manifest"),
     "generate": ("generate", "any-step generation from an exported release (torch/onnxruntime/tensorrt)"),

@@ -1,5 +1,5 @@
-"""Distillation: synthesize → stage1 (+ consistency baseline) → stage2 → fvd_net, gate_reference, gate_sanity → gate →
-export → promote (only on a passing gate).
+"""Distillation: synthesize → stage1 (+ consistency baseline) → stage2 → fvd_net, gate_reference, gate_baseline,
+gate_sanity → gate → export → promote (only on a passing gate).
 
 Every step is a DVC stage run by a thin task (``tasks/stages.py``); this file is only the order. Run locally::
 
@@ -37,6 +37,7 @@ def distill(repo: str = ".", num_shards: int = 1, train_teacher: bool = False, r
     run_stage("stage2", repo, cmds)
     run_stage("fvd_net", repo, cmds)  # the toy FVD / realism network the gate scores with
     run_stage("gate_reference", repo, cmds)  # the gate's teacher rows (teacher 50×CFG and N×CFG), once
+    run_stage("gate_baseline", repo, cmds)  # the gate's baseline rows (the consistency student), once
     run_stage("gate_sanity", repo, cmds)  # report-only: its verdict is in metrics/gate_sanity.json
     gate = run_gate(repo, cmds)
     if not gate["passed"]:

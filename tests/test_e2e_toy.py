@@ -16,15 +16,15 @@ if str(ROOT) not in sys.path:  # tasks/ and flows/ live at the repository root
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference", "gate_sanity",
-          "gate", "export")
+STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
+          "gate_baseline", "gate_sanity", "gate", "export")
 LENIENT = {"total_tolerance": 10.0, "monotone_tolerance": 10.0, "monotone_from_nfe": 2, "semantic_floors": {},
            "fidelity_rel_tolerance": 10.0, "beat_teacher_up_to_nfe": 0}  # [J] the criteria added since, lenient too
 TINY = {
     "model": {"num_layers": 1, "ffn_dim": 64},
     "teacher": {"vae_image_steps": 20, "vae_image_batch_size": 4, "vae_steps": 0, "vae_batch_size": 2, "steps": 10,
                 "batch_size": 4, "eval_prompts": 2, "eval_steps": 2, "threads": 1},  # 1: xdist runs 2 workers
-    "synthesize": {"num_samples": 8, "samples_per_shard": 4, "batch_size": 4, "steps": 4},
+    "synthesize": {"num_samples": 8, "samples_per_shard": 4, "batch_size": 4, "steps": 4, "threads": 1},
     "stage1": {"max_steps": 3, "batch_size": 4, "ckpt_every": 2, "log_every": 1},
     "stage2": {"max_steps": 2, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "num_steps_choices": [2, 4],
                "threads": 1},

@@ -122,7 +122,7 @@ def test_distill_promotes_exactly_when_the_gate_passes(tmp_path, prefect_harness
     calls = (repo / "calls.log").read_text().splitlines()
     assert sorted(c for c in calls if "--shard" in c) == ["synthesize --shard 0/2", "synthesize --shard 1/2"]
     assert calls[2:] == ["synthesize", "record synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net",
-                         "gate_reference", "gate_sanity", "gate", "export"]
+                         "gate_reference", "gate_baseline", "gate_sanity", "gate", "export"]
 
     # second run: a stricter policy makes the gate fail -> not a crash, nothing exported, nothing promoted
     _params(repo, tolerance=-1.0)
@@ -176,7 +176,7 @@ def test_distill_through_real_dvc_repro(tmp_path, prefect_harness):
     fake = f"{sys.executable} fake_stage.py"
     stages = {s: {"cmd": f"{fake} {s}", "deps": ["fake_stage.py"], "metrics": [{f"metrics/{s}.json": {"cache": False}}]}
               for s in ("synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
-                        "gate_sanity")}
+                        "gate_baseline", "gate_sanity")}
     stages["gate"] = {"cmd": f"{fake} gate", "deps": ["fake_stage.py", "metrics/stage2.json"],
                       "params": ["gate.policy.total_tolerance"],
                       "metrics": [{"metrics/gate.json": {"cache": False}}], "plots": ["artifacts/gate/step_scaling.png"]}
@@ -192,7 +192,7 @@ def test_distill_through_real_dvc_repro(tmp_path, prefect_harness):
     assert first["promoted"] == "dvc1" and _latest(repo) == "dvc1"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
-                         "gate_sanity", "gate", "export"}
+                         "gate_baseline", "gate_sanity", "gate", "export"}
 
     _params(repo, tolerance=-1.0)
     (repo / "calls.log").write_text("")

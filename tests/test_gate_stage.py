@@ -227,3 +227,49 @@ def test_gate_reference_gives_the_same_report(gate_run):
     strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
     assert strip(read_json(root / "metrics/gate_own.json")) == strip(read_json(root / "metrics/gate_ref.json"))
     assert not (root / "artifacts" / "gate_bad").exists()
+
+
+def test_gate_baseline_gives_the_same_report(gate_run):
+    """`anyflow gate-baseline` (the consistency rows, computed beside stage 2) then `anyflow gate --baseline` writes
+    byte-identical report, summary, previews and steps plot to a gate computing those rows itself; stored rows of
+    another adapter are refused by name, never used."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from anyflow.stages import gate, gate_baseline, gate_reference
+    from anyflow.utils.io import write_safetensors
+
+    root, cfg, _, _ = gate_run
+    strict = _cfg(cfg, total_tolerance=-1.0)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        gate_reference.main(strict, type("A", (), dict(no_progress=True)))
+        ref = root / "artifacts" / "gate_reference"
+        kw = dict(candidate="stage1", compare=("stage1_consistency",), progress=False, reference=ref)
+        gate.run(strict, out_name="gate_inline", **kw)
+        args = type("A", (), dict(compare=["stage1_consistency"], reference=str(ref), drift_nfes=None,
+                                  out="gate_baseline", no_progress=True))
+        assert gate_baseline.main(strict, args) == 0
+        base = root / "artifacts" / "gate_baseline"
+        gate.run(strict, out_name="gate_stored", baseline=base, **kw)
+        # the baseline adapter changed since the rows were stored: refused, naming its sha256
+        other = root / "other_consistency"
+        shutil.copytree(root / "artifacts" / "stage1_consistency", other)
+        with safe_open(str(other / "ema_adapter.safetensors"), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first] + 1e-3
+        write_safetensors(other / "ema_adapter.safetensors", tensors, metadata=meta)
+        with pytest.raises(ValueError, match=r"baselines\.consistency\.adapter_sha256"):
+            gate.run(strict, out_name="gate_bad", candidate="stage1",
+                     compare=(str(other / "ema_adapter.safetensors"),), progress=False, reference=ref, baseline=base)
+    finally:
+        os.chdir(cwd)
+    inline, stored = root / "artifacts" / "gate_inline", root / "artifacts" / "gate_stored"
+    for name in ("report.json", "summary.md", "previews/grid.png", "previews/columns.txt"):
+        assert (inline / name).read_bytes() == (stored / name).read_bytes(), name
+    assert (root / "plots/gate_inline_steps.csv").read_text() == (root / "plots/gate_stored_steps.csv").read_text()
+    assert read_json(root / "artifacts/gate_inline/report.json")["baselines"]["consistency"]["by_nfe"]
+    assert not (root / "artifacts" / "gate_bad").exists()

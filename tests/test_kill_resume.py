@@ -35,7 +35,7 @@ OVERRIDES = {
     "video": {"num_frames": 9, "height": 32, "width": 32},
     "model": {"max_text_len": 16},
     "student": {"lora_rank": 4, "lora_alpha": 4.0},
-    "synthesize": {"num_samples": 4, "samples_per_shard": 1, "batch_size": 1, "steps": 2},
+    "synthesize": {"num_samples": 4, "samples_per_shard": 1, "batch_size": 1, "steps": 2, "threads": 1},
     "stage2": {"max_steps": 4, "ckpt_every": 2, "batch_size": 1, "log_every": 1, "num_steps_choices": [1, 2],
                "threads": 1},  # 1: pytest-xdist runs 2 workers on 2 cores
     "gate": {"nfes": [1, 4], "teacher_steps": 2, "num_prompts": 1, "seeds_per_prompt": 2, "num_previews": 1,

@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="the teacher rows from `anyflow gate-reference` (e.g. artifacts/gate_reference; checked to "
                         "be of this teacher and these gate settings); default: compute them here")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="the --compare adapters' rows from `anyflow gate-baseline` (e.g. artifacts/gate_baseline; "
+                        "checked to be of these adapters and this reference); default: compute them here")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -275,33 +278,77 @@ def drop_dead(report: dict, floor: float, es=None) -> dict:
 
 
 
-def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
-        out_name: str = "gate", progress: bool = True, drift_nfes: tuple[int, ...] = DRIFT_NFES,
-        reference: Optional[str | Path] = None) -> dict:
-    """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``). Adapters are
-    built for the architecture in their metadata (a FAR adapter samples chunk by chunk with the KV cache, N steps
-    per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length). ``reference``:
-    a directory of ``anyflow gate-reference`` with the teacher rows (else they are computed here, the same way)."""
-    import torch
-
-    from anyflow.eval import gate as policy
-    from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
-    from anyflow.models.student import load_student
-    from anyflow.sampling import sample_student
-
-    t_start = time.perf_counter()
-    g, shift = cfg.gate, cfg.model.flow_shift
+def adapter_names(cfg: Config, candidate: Optional[str], compare: tuple[str, ...]) -> dict[str, Path]:
+    """``{"student": candidate, <baseline name>: path, ...}``: a baseline is named by its paradigm ("consistency")
+    or, for another any-step student, by its directory (a repeated name gets its position appended)."""
     paths = StagePaths.of(cfg)
-    adapters = {"student": resolve_adapter(paths, candidate)}
-    for c in compare:  # named by paradigm ("consistency") or, for another any-step student, by its directory
+    adapters = {"student": resolve_adapter(paths, candidate)} if candidate is not None else {}
+    for c in compare:
         path = resolve_adapter(paths, c)
         name = "consistency" if paradigm_of(path, cfg) == "consistency" else path.parent.name
         adapters[name if name not in adapters else f"{name}_{len(adapters)}"] = path
+    return adapters
+
+
+def adapter_rows(cfg: Config, name: str, path: Path, paradigm: str, arch: str, pipe, es, emb, noise, bar, decode,
+                 x_teacher, teacher_feats, drift_nfes: tuple[int, ...], previews: Optional[dict] = None) -> dict:
+    """One adapter's gate entry: sampled at every gate NFE from the gate's noises, decoded, scored against the
+    teacher's samples (``by_nfe``), plus the drift check for a FAR adapter; the candidate's first clips go to
+    ``previews``. The gate and `anyflow gate-baseline` both call it, so a stored baseline is this entry."""
+    import torch
+
+    from anyflow.models.student import load_student
+    from anyflow.sampling import sample_student
+
+    g, shift, n = cfg.gate, cfg.model.flow_shift, len(es.prompts)
+    model = load_student(pipe.transformer, replace(cfg.student, architecture=arch), path)
+    by_nfe = {}
+    for nfe in g.nfes:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = _batched(lambda i, j: sample_student(model, paradigm, noise[i:j], emb[i:j], nfe, shift,
+                                                     torch.Generator().manual_seed(g.seed + 1000 * nfe + i)),
+                         n, bar, f"{name} N={nfe}")
+        sampling = time.perf_counter() - t0
+        frames = decode(x)
+        by_nfe[str(nfe)] = es.score(frames, x, x_teacher, teacher_feats)
+        by_nfe[str(nfe)]["sampling_seconds"] = sampling
+        if previews is not None:
+            previews[f"N={nfe}"] = frames[:g.num_previews]
+    entry = {"adapter": str(path), "paradigm": paradigm, "architecture": arch, "by_nfe": by_nfe}
+    if arch == "far" and drift_nfes:
+        partition = long_partition(model.config.chunk_partition)
+        noise_fn = lambda f: torch.randn((n, noise.shape[1], f, *noise.shape[3:]),  # noqa: E731
+                                         generator=torch.Generator().manual_seed(g.seed + 7))
+        entry["drift"] = {str(k): drift(model, paradigm, noise_fn, emb, k, shift, partition, cfg.video.num_frames,
+                                        es, decode, g.seed + 2000 * k) for k in drift_nfes}
+    del model
+    return entry
+
+
+def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, compare: tuple[str, ...] = (),
+        out_name: str = "gate", progress: bool = True, drift_nfes: tuple[int, ...] = DRIFT_NFES,
+        reference: Optional[str | Path] = None, baseline: Optional[str | Path] = None) -> dict:
+    """Evaluate, apply the policy, write every output; returns the report (``report["passed"]``). Adapters are
+    built for the architecture in their metadata (a FAR adapter samples chunk by chunk with the KV cache, N steps
+    per chunk, and also gets the drift check at ``drift_nfes``: videos twice the training length). ``reference``:
+    a directory of ``anyflow gate-reference`` with the teacher rows (else they are computed here, the same way);
+    ``baseline``: one of ``anyflow gate-baseline`` with the ``compare`` adapters' rows (checked to be of these
+    adapters, this teacher reference and these settings; else they are computed here, the same way)."""
+    from anyflow.eval import gate as policy
+    from anyflow.eval.report import summary_markdown, write_previews, write_step_plot, write_steps_csv
+    from anyflow.stages import gate_baseline
+
+    t_start = time.perf_counter()
+    g = cfg.gate
+    paths = StagePaths.of(cfg)
+    adapters = adapter_names(cfg, candidate, compare)
     paradigms = {name: paradigm_of(path, cfg, paradigm if name == "student" else None)
                  for name, path in adapters.items()}
     archs = {name: architecture_of(path) for name, path in adapters.items()}
 
-    student_batches = 2 * len(g.nfes) * len(adapters)
+    stored = sum(name != "student" for name in adapters) if baseline else 0
+    student_batches = 2 * len(g.nfes) * (len(adapters) - stored)
     pipe, es, emb, neg, noise, bar, decode = setup(
         cfg, progress, out_name, student_batches + (0 if reference else gate_reference.teacher_batches(cfg)))
     n = len(es.prompts)
@@ -319,32 +366,16 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     x_teacher, teacher_feats, teacher, budget = ref.x_teacher, ref.teacher_features, ref.teacher, ref.budget
 
     previews = {f"teacher {teacher['nfe']}": ref.previews}
+    loaded = {}
+    if baseline:  # the baselines' rows of `anyflow gate-baseline`, checked against what they would be computed from
+        loaded = gate_baseline.load(Path(baseline), cfg, es, ref.fingerprint,
+                                    {k: v for k, v in adapters.items() if k != "student"}, paradigms, archs,
+                                    drift_nfes)
     results: dict = {}
     for name, path in adapters.items():
-        model = load_student(pipe.transformer, replace(cfg.student, architecture=archs[name]), path)
-        by_nfe = {}
-        for nfe in g.nfes:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                x = _batched(lambda i, j: sample_student(model, paradigms[name], noise[i:j], emb[i:j], nfe, shift,
-                                                         torch.Generator().manual_seed(g.seed + 1000 * nfe + i)),
-                             n, bar, f"{name} N={nfe}")
-            sampling = time.perf_counter() - t0
-            frames = decode(x)
-            by_nfe[str(nfe)] = es.score(frames, x, x_teacher, teacher_feats)
-            by_nfe[str(nfe)]["sampling_seconds"] = sampling
-            if name == "student":
-                previews[f"N={nfe}"] = frames[:g.num_previews]
-        results[name] = {"adapter": str(path), "paradigm": paradigms[name], "architecture": archs[name],
-                         "by_nfe": by_nfe}
-        if archs[name] == "far" and drift_nfes:
-            partition = long_partition(model.config.chunk_partition)
-            noise_fn = lambda f: torch.randn((n, noise.shape[1], f, *noise.shape[3:]),  # noqa: E731
-                                             generator=torch.Generator().manual_seed(g.seed + 7))
-            results[name]["drift"] = {str(k): drift(model, paradigms[name], noise_fn, emb, k, shift, partition,
-                                                    cfg.video.num_frames, es, decode, g.seed + 2000 * k)
-                                      for k in drift_nfes}
-        del model
+        results[name] = loaded[name] if name in loaded else adapter_rows(
+            cfg, name, path, paradigms[name], archs[name], pipe, es, emb, noise, bar, decode, x_teacher,
+            teacher_feats, drift_nfes, previews if name == "student" else None)
     bar.close()
 
     report = {"candidate": results.pop("student"), "teacher": teacher, "baselines": results,
@@ -417,7 +448,7 @@ def metrics_of(report: dict) -> dict:
     t, budget = report["teacher"], report.get("teacher_at_budget")
     drift = {name: {n: {"first": d["first"]["total"], "last": d["last"]["total"], "delta": d["delta_total"],
                         **{f"delta_{k}": _delta(d["first"][k], d["last"][k]) for k in ("quality", "semantic")},
-                        "seconds_per_chunk": d["seconds_per_chunk"]} for n, d in entry["drift"].items()}
+                        "seconds_per_chunk": d.get("seconds_per_chunk")} for n, d in entry["drift"].items()}
              for name, entry in [("candidate", report["candidate"]), *report["baselines"].items()]
              if entry.get("drift")}
     return {"passed": report["passed"], "failed": report["failed"], **({"drift": drift} if drift else {}),
@@ -434,7 +465,8 @@ def metrics_of(report: dict) -> dict:
 
 def main(cfg: Config, args) -> int:
     report = run(cfg, args.candidate, args.paradigm, tuple(args.compare), args.out, not args.no_progress,
-                 tuple(getattr(args, "drift_nfes", DRIFT_NFES)), getattr(args, "reference", None))
+                 tuple(getattr(args, "drift_nfes", DRIFT_NFES)), getattr(args, "reference", None),
+                 getattr(args, "baseline", None))
     t = report["teacher"]
     print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g} ({t['guidance_convention']}), {t['nfe']} NFE: "
           f"Total {t['total']:.4f} (semantic "
@@ -449,7 +481,8 @@ def main(cfg: Config, args) -> int:
         for nfe, d in (entry.get("drift") or {}).items():
             print(f"  drift @{nfe}/chunk, {d['frames']} frames: first window {d['first']['total']:.4f}, last "
                   f"{d['last']['total']:.4f} (Δ {d['delta_total']:+.4f}; quality Δ "
-                  f"{d['last']['quality'] - d['first']['quality']:+.4f}), {d['seconds_per_chunk']:.3f} s/chunk")
+                  f"{d['last']['quality'] - d['first']['quality']:+.4f})"
+                  + (f", {d['seconds_per_chunk']:.3f} s/chunk" if "seconds_per_chunk" in d else ""))
     if report["passed"]:
         print(f"gate PASSED ({len(report['criteria'])} criteria)")
         return 0

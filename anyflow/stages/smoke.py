@@ -62,8 +62,8 @@ FAR_PATHS = {"paths.root": "far81/artifacts", "paths.metrics": "far81/metrics", 
              "paths.checkpoints": "far81/checkpoints"}
 FAR = ["--set", "student.architecture=far", "--set", "video.num_frames=81",
        *[a for k, v in FAR_PATHS.items() for a in ("--set", f"{k}={v}")]]
-STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference", "gate",
-          "export")
+STAGES = ("teacher", "synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
+          "gate_baseline", "gate", "export")
 
 
 def add_arguments(parser) -> None:
