@@ -163,3 +163,20 @@ def test_meta_threads_match_the_stages_threads_params():
                 seen.add(name)
                 assert (stage.get("meta") or {}).get("threads", 1) == getattr(cfg, section[name]).threads, name
     assert seen == set(section)
+
+
+def test_on_a_tie_the_wider_stage_starts_first(project):
+    """Equal chains after them: the 2-thread stage starts before the 1-thread one (alphabetically first), which
+    would otherwise take a slot and make the wide stage wait for it (the toy's synthesize and fvd_net)."""
+    (project / "dvc.yaml").write_text("""\
+stages:
+  a_narrow:
+    cmd: date +%s.%N > a_narrow.start && sleep 1 && date +%s.%N > a_narrow.txt
+    outs: [a_narrow.txt]
+  b_wide:
+    cmd: date +%s.%N > b_wide.start && sleep 1 && date +%s.%N > b_wide.txt
+    outs: [b_wide.txt]
+    meta: {threads: 2}
+""")
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    assert t(project, "b_wide.txt") <= t(project, "a_narrow.start"), out.stdout

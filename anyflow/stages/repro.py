@@ -11,7 +11,8 @@ its repository lock while it reads and writes ``dvc.lock`` and releases it while
 ends exactly as after ``dvc repro`` (tests/test_repro.py).
 
 Order: among the stages whose dependencies are done, the one with the longest chain of stages after it starts
-first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it). A stage with
+first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it), on a tie the wider one
+(a 2-thread stage can only start on two free slots: a 1-thread stage started first would make it wait). A stage with
 ``meta: {threads: n}`` in dvc.yaml (its ``threads`` param: the torch intra-op threads it runs on) takes n of the
 ``--jobs`` slots, so a 2-thread stage runs alone on 2 cores (side by side with another busy process it ran up to 5x
 slower); a stage that needs more slots than are free waits, and a lower-priority one that fits starts meanwhile.
@@ -131,7 +132,7 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                         changed = True
             ready = sorted((s for s in pending if all(result.get(d, {}).get("status") in ("ok", "unchanged")
                                                       for d in p.deps[s])),
-                           key=lambda s: (-p.priority[s], s))
+                           key=lambda s: (-p.priority[s], -p.threads.get(s, 1), s))
             if any(r in p.exclusive for r in running):
                 ready = []  # an exclusive stage runs alone
             elif [s for s in ready if s not in p.exclusive]:
