@@ -122,7 +122,8 @@ def toy_teacher_dir(tmp_path_factory):
 
     cfg = build({"teacher": {"vae_image_steps": 300, "vae_image_batch_size": 16, "vae_steps": 0, "vae_batch_size": 2,
                              "vae_lr": 3e-3, "steps": 40, "batch_size": 8},
-                 "synthesize": {"num_samples": 6, "samples_per_shard": 2, "batch_size": 2, "steps": 4}})
+                 "synthesize": {"num_samples": 6, "samples_per_shard": 2, "batch_size": 2, "steps": 4,
+                                "threads": 1}})  # tests run on one thread beside the other xdist worker
 
     def train(root):
         teacher, _ = toy_teacher.train(cfg, progress=False)

@@ -191,7 +191,8 @@ def test_domain_gate_criteria():
 def _stage_cfg(tmp_path, teacher_path, **domain):
     cfg = build({"paths": {"root": str(tmp_path / "artifacts"), "metrics": str(tmp_path / "metrics"),
                            "plots": str(tmp_path / "plots"), "checkpoints": str(tmp_path / "ckpt")},
-                 "synthesize": {"num_samples": 8, "samples_per_shard": 4, "batch_size": 4, "steps": 2},
+                 "synthesize": {"num_samples": 8, "samples_per_shard": 4, "batch_size": 4, "steps": 2,
+                                "threads": 1},
                  "student": {"lora_rank": 4, "lora_alpha": 4.0},
                  "domain": {"num_samples": 8, "batch_size": 4, "base_mix": 0.25, "max_steps": 4, "ckpt_every": 2,
                             "log_every": 1, **domain},

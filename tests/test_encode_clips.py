@@ -23,7 +23,7 @@ def _write_mp4(path, frames, fps=8):
 def _cfg(tmp_path, teacher_path):
     cfg = build({"paths": {"root": str(tmp_path / "artifacts"), "metrics": str(tmp_path / "metrics"),
                            "plots": str(tmp_path / "plots"), "checkpoints": str(tmp_path / "ckpt")},
-                 "synthesize": {"samples_per_shard": 2}})
+                 "synthesize": {"samples_per_shard": 2, "threads": 1}})
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "teacher").symlink_to(teacher_path)
     return cfg

@@ -271,5 +271,5 @@ def test_gate_baseline_gives_the_same_report(gate_run):
     for name in ("report.json", "summary.md", "previews/grid.png", "previews/columns.txt"):
         assert (inline / name).read_bytes() == (stored / name).read_bytes(), name
     assert (root / "plots/gate_inline_steps.csv").read_text() == (root / "plots/gate_stored_steps.csv").read_text()
-    assert read_json(root / "artifacts/gate_inline/report.json")["baselines"]["consistency"]["by_nfe"]
+    assert read_json(inline / "report.json")["baselines"]["consistency"]["by_nfe"]
     assert not (root / "artifacts" / "gate_bad").exists()

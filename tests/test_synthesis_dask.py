@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # toy geometry, random (untrained) toy teacher: 4 samples in 2 shards of 2, 2 ODE steps with CFG
 PARAMS = {"profile": "toy", "synthesize": {"num_samples": 4, "samples_per_shard": 2, "batch_size": 2, "steps": 2,
-                                           "guidance_scale": 3.0}}
+                                           "guidance_scale": 3.0, "threads": 1}}  # 2 Dask workers, 2 cores
 
 
 def _repo(path: Path, teacher: Path) -> Path:
