@@ -35,7 +35,7 @@ demo: install
 # Two workers (pytest-xdist), a test file per worker at a time; TEST_JOBS=1 runs it in one process.
 TEST_JOBS ?= 2
 test: install
-	$(BIN)/pytest -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -q -ra -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow" -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder

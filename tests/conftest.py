@@ -15,7 +15,8 @@ import torch
 # machine (2026-12-02); files not listed keep their order after these.
 LONGEST_FIRST = ("test_e2e_toy.py", "test_far_training.py", "test_kill_resume.py", "test_gate_stage.py",
                  "test_flows.py", "test_prefect_server.py", "test_far_release_onnx.py", "test_far_onnx.py",
-                 "test_stage2.py", "test_far_stage2.py", "test_domain.py", "test_stage1.py", "test_export_onnx.py")
+                 "test_stage2.py", "test_far_stage2.py", "test_domain.py", "test_stage1.py", "test_export_onnx.py",
+                 "test_repro.py", "test_synthesis_dask.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -201,8 +201,15 @@ def test_toy_fvd_is_reported_beside_total(gate_run):
 
 def test_gate_reference_gives_the_same_report(gate_run):
     """`anyflow gate-reference` then `anyflow gate --reference` writes byte-identical report, summary, previews and
-    metrics to a gate that computes the teacher rows itself; a reference of other settings is refused by name."""
-    from anyflow.stages import gate, gate_reference
+    metrics to a gate that computes the teacher rows itself, and so does one reading the baseline rows of `anyflow
+    gate-baseline` (--baseline); a reference of other settings, or baseline rows of another adapter, are refused by
+    name."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from anyflow.stages import gate, gate_baseline, gate_reference
+    from anyflow.utils.io import write_safetensors
 
     root, cfg, _, _ = gate_run
     strict = _cfg(cfg, total_tolerance=-1.0)
@@ -216,45 +223,13 @@ def test_gate_reference_gives_the_same_report(gate_run):
         ref = root / "artifacts" / "gate_reference"
         via_ref = gate.run(strict, out_name="gate_ref", reference=ref, **kw)
         assert list(via_ref["teacher_at_budget"]["by_nfe"]) == ["1", "2", "16"]  # the console prints this order
-        with pytest.raises(ValueError, match=r"gate\.seed \(reference 1234, now 5\)"):
-            gate.run(replace(strict, gate=replace(strict.gate, seed=5)), out_name="gate_bad", reference=ref, **kw)
-    finally:
-        os.chdir(cwd)
-    own, via = root / "artifacts" / "gate_own", root / "artifacts" / "gate_ref"
-    for name in ("report.json", "summary.md", "previews/grid.png", "previews/columns.txt"):
-        assert (own / name).read_bytes() == (via / name).read_bytes(), name
-    assert (root / "plots/gate_own_steps.csv").read_text() == (root / "plots/gate_ref_steps.csv").read_text()
-    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
-    assert strip(read_json(root / "metrics/gate_own.json")) == strip(read_json(root / "metrics/gate_ref.json"))
-    assert not (root / "artifacts" / "gate_bad").exists()
-
-
-def test_gate_baseline_gives_the_same_report(gate_run):
-    """`anyflow gate-baseline` (the consistency rows, computed beside stage 2) then `anyflow gate --baseline` writes
-    byte-identical report, summary, previews and steps plot to a gate computing those rows itself; stored rows of
-    another adapter are refused by name, never used."""
-    import shutil
-
-    from safetensors import safe_open
-
-    from anyflow.stages import gate, gate_baseline, gate_reference
-    from anyflow.utils.io import write_safetensors
-
-    root, cfg, _, _ = gate_run
-    strict = _cfg(cfg, total_tolerance=-1.0)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        gate_reference.main(strict, type("A", (), dict(no_progress=True)))
-        ref = root / "artifacts" / "gate_reference"
-        kw = dict(candidate="stage1", compare=("stage1_consistency",), progress=False, reference=ref)
-        gate.run(strict, out_name="gate_inline", **kw)
+        # `anyflow gate-baseline` (the consistency rows, computed beside stage 2), then `anyflow gate --baseline`
         args = type("A", (), dict(compare=["stage1_consistency"], reference=str(ref), drift_nfes=None,
                                   out="gate_baseline", no_progress=True))
         assert gate_baseline.main(strict, args) == 0
         base = root / "artifacts" / "gate_baseline"
-        gate.run(strict, out_name="gate_stored", baseline=base, **kw)
-        # the baseline adapter changed since the rows were stored: refused, naming its sha256
+        gate.run(strict, out_name="gate_base", reference=ref, baseline=base, **kw)
+        # the baseline adapter changed since its rows were stored: refused, naming its sha256, never used
         other = root / "other_consistency"
         shutil.copytree(root / "artifacts" / "stage1_consistency", other)
         with safe_open(str(other / "ema_adapter.safetensors"), "pt") as f:
@@ -263,13 +238,19 @@ def test_gate_baseline_gives_the_same_report(gate_run):
         tensors[first] = tensors[first] + 1e-3
         write_safetensors(other / "ema_adapter.safetensors", tensors, metadata=meta)
         with pytest.raises(ValueError, match=r"baselines\.consistency\.adapter_sha256"):
-            gate.run(strict, out_name="gate_bad", candidate="stage1",
-                     compare=(str(other / "ema_adapter.safetensors"),), progress=False, reference=ref, baseline=base)
+            gate.run(strict, out_name="gate_bad", candidate="stage1", compare=(str(other / "ema_adapter.safetensors"),),
+                     progress=False, reference=ref, baseline=base)
+        with pytest.raises(ValueError, match=r"gate\.seed \(reference 1234, now 5\)"):
+            gate.run(replace(strict, gate=replace(strict.gate, seed=5)), out_name="gate_bad", reference=ref, **kw)
     finally:
         os.chdir(cwd)
-    inline, stored = root / "artifacts" / "gate_inline", root / "artifacts" / "gate_stored"
+    own, via, base = (root / "artifacts" / d for d in ("gate_own", "gate_ref", "gate_base"))
     for name in ("report.json", "summary.md", "previews/grid.png", "previews/columns.txt"):
-        assert (inline / name).read_bytes() == (stored / name).read_bytes(), name
-    assert (root / "plots/gate_inline_steps.csv").read_text() == (root / "plots/gate_stored_steps.csv").read_text()
-    assert read_json(inline / "report.json")["baselines"]["consistency"]["by_nfe"]
+        assert (own / name).read_bytes() == (via / name).read_bytes() == (base / name).read_bytes(), name
+    assert (root / "plots/gate_own_steps.csv").read_text() == (root / "plots/gate_ref_steps.csv").read_text()
+    assert (root / "plots/gate_own_steps.csv").read_text() == (root / "plots/gate_base_steps.csv").read_text()
+    assert read_json(base / "report.json")["baselines"]["consistency"]["by_nfe"]
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert strip(read_json(root / "metrics/gate_own.json")) == strip(read_json(root / "metrics/gate_ref.json"))
     assert not (root / "artifacts" / "gate_bad").exists()
+

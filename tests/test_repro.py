@@ -114,11 +114,11 @@ def test_a_stage_takes_as_many_slots_as_its_threads(project):
     (project / "dvc.yaml").write_text("""\
 stages:
   wide:
-    cmd: date +%s.%N > wide.start && sleep 2 && date +%s.%N > wide.txt
+    cmd: date +%s.%N > wide.start && sleep 1 && date +%s.%N > wide.txt
     outs: [wide.txt]
     meta: {threads: 2}
   a:
-    cmd: date +%s.%N > a.start && sleep 3 && date +%s.%N > a.txt
+    cmd: date +%s.%N > a.start && sleep 2 && date +%s.%N > a.txt
     deps: [wide.txt]
     outs: [a.txt]
   b:
