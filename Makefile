@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast wan-smoke prefect-up prefect-down clean
+.PHONY: install demo test test-fast wan-smoke ablation prefect-up prefect-down clean
 
 $(BIN)/anyflow: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ test-fast: install
 # FAR student with the profile's 8-chunk partition (README "The Wan path"). WORKDIR=dir keeps the workspace.
 wan-smoke: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anyflow wan-smoke $(if $(WORKDIR),--workdir $(WORKDIR))
+
+# Issue [I]'s per-change ablation (ablation/dvc.yaml, README "Ablation"): each fix of the training math reverted on its
+# own and all together, trained and scored by the gate's function against the root pipeline's teacher rows; brings
+# the root stages it reads up to date first. ~25 min on 2 cores after `make demo`.
+ablation: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anyflow repro --jobs $(JOBS) ablation/dvc.yaml
+	@cat artifacts/ablation/table.md
 
 # A local Prefect stack (docs/orchestration.md): server on 127.0.0.1:4200, work pools, every deployment of
 # deploy/prefect.yaml (verified registered), a worker on anyflow-local. `make prefect-down` stops server and worker.

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "benchmarks recorded as DVC metrics (simulation cost, inference latency)"),
     "fvd-net": ("fvd_net", "train the toy FVD's feature network (distribution fidelity for the gate)"),
     "repro": ("repro", "dvc repro with independent stages side by side (--jobs, default 2)"),
+    "ablate": ("ablate", "issue [I]'s per-change ablation: one variant's training and gate rows, or the table"),
     "fixture": ("fixture", "write a random-weight test fixture (wan-mini: the Wan2.1-T2V-1.3B-Diffusers layout)"),
     "wan-smoke": ("smoke", "the wan-1.3b profile end to end on the wan-mini fixture, in a temporary workspace"),
 }
@@ -45,20 +46,6 @@ def _parse_set(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: expected key=value (e.g. stage1.max_steps=10)")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _nested(flat: dict) -> dict:
-    """{"stage1.max_steps": 2} -> {"stage1": {"max_steps": 2}} (what ``config.build`` merges over a profile)."""
-    out: dict = {}
-    for dotted, value in flat.items():
-        node = out
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise SystemExit(f"--set {dotted}: {p} is not a section")
-        node[leaf] = value
     return out
 
 
@@ -85,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from anyflow.config import ConfigError, build, load
+    from anyflow.config import ConfigError, build, load, nest
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(mod, "USES_PARAMS", True):  # e.g. `anyflow fixture`: no params file needed
             cfg = build({})
         elif args.command == "params" and getattr(args, "profile", None):
-            cfg = build(_nested(_parse_set(args.overrides)), profile=args.profile)  # bootstrapping a params file
+            cfg = build(nest(_parse_set(args.overrides)), profile=args.profile)  # bootstrapping a params file
         else:
             cfg = load(args.params, overrides=_parse_set(args.overrides))
     except ConfigError as err:

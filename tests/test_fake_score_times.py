@@ -66,3 +66,20 @@ def test_query_and_training_times_are_the_references_shifted_clamped_uniform(rec
         # shift(U) has median shift(0.5) = 5/6 at shift 5 and P(t > 0.8) = 1 − 0.8/(5 − 4·0.8) = 0.556
         assert abs(float(t.median()) - float(time_shift(torch.tensor(0.5), cfg.model.flow_shift))) < 0.01
         assert abs(float((t > 0.8).float().mean()) - (1 - 0.8 / 1.8)) < 0.015
+
+
+def test_the_other_fake_score_laws_are_what_they_say():
+    """``stage2.fake_times`` for README's ablation: ``logit_normal`` is the earlier (unshifted) law — median 0.5,
+    8 % above t = 0.8 — and ``reference`` NVlabs/AnyFlow's shift(sigmoid(N(0, 1))): median shift(0.5) = 5/6 like the
+    query, but P(t > 0.8) 0.59 (a KS distance from the query well beyond noise); an unknown law names the field."""
+    from anyflow.objectives.dmd import fake_score_time
+
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    query = fake_score_time(B, 5.0, 0.02, 0.98, g(), "query")
+    old = fake_score_time(B, 5.0, 0.02, 0.98, g(), "logit_normal")
+    ref = fake_score_time(B, 5.0, 0.02, 0.98, g(), "reference")
+    assert abs(float(old.median()) - 0.5) < 0.01 and abs(float((old > 0.8).float().mean()) - 0.084) < 0.01
+    assert abs(float(ref.median()) - 5 / 6) < 0.01 and abs(float((ref > 0.8).float().mean()) - 0.59) < 0.015
+    assert ks(query, old) > 0.4 and 0.03 < ks(query, ref) < 0.2
+    with pytest.raises(ValueError, match="stage2.fake_times"):
+        fake_score_time(4, 5.0, 0.02, 0.98, g(), "uniform")

@@ -20,11 +20,12 @@ MU = 0.7
 A = torch.tensor([0.3, 0.5, 0.8, 1.1, 0.2, 0.9, 1.5, 0.4], dtype=torch.float64)  # 4 r = t, 2 r = 0, 2 free
 
 
-def run(shift, split, weighting="beta08", seed=4, c=1e-5):
+def run(shift, split, weighting="beta08", seed=4, c=1e-5, **switches):
     b = A.numel()
     x0 = torch.full((b, 1, 2, 2, 2), MU, dtype=torch.float64)
     text = A.clone().reshape(b, 1, 1).requires_grad_(True)
-    s1 = Stage1(guidance_scale=1.0, text_dropout=0.0, time_split=split, weighting=weighting, adaptive_c=c)
+    s1 = Stage1(guidance_scale=1.0, text_dropout=0.0, time_split=split, weighting=weighting, adaptive_c=c,
+                **switches)
 
     def u(z, t, r, txt):
         tb = t.reshape(-1, *([1] * (z.ndim - 1)))
@@ -84,3 +85,18 @@ def test_every_r_ne_t_sample_contributes_the_r_eq_t_mean():
     diff = times.kind == fm.KIND_DIFFUSION
     mu_lam = (fm.time_weight(times.t.double(), "beta08") * A**2)[diff].mean()
     torch.testing.assert_close(out.loss, mu_lam, rtol=1e-6, atol=0)
+
+
+def test_the_ablation_switches_give_the_earlier_weighting():
+    """README's ablation reverts items 3 and 4 with ``stage1.weight_time: unshifted`` and ``stage1.adaptive_on:
+    unweighted``; written out, the code before issue [I] was loss = mean(λ(s_i)·a_i·ℓ_i) with λ at the unshifted draw
+    s and a_i = sg(μ_ℓ / (ℓ_i + c)) on the bare MSE (μ_ℓ the mean r = t MSE) — and it differs from the default."""
+    out, grad, times = run(5.0, (0.5, 0.25, 0.25), weight_time="unshifted", adaptive_on="unweighted")
+    lam = fm.time_weight(times.s.double(), "beta08")
+    ell = A**2
+    diff = times.kind == fm.KIND_DIFFUSION
+    scale = torch.where(diff, torch.ones_like(ell), ell[diff].mean() / (ell + 1e-5))
+    torch.testing.assert_close(out.loss, (lam * scale * ell).mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, lam * scale * 2 * A / A.numel(), rtol=1e-6, atol=0)
+    default, _, _ = run(5.0, (0.5, 0.25, 0.25))
+    assert abs(float(default.loss.detach()) - float(out.loss.detach())) > 0.05 * float(default.loss.detach())

@@ -157,3 +157,38 @@ def test_single_frame_convs_give_the_same_reconstruction_and_gradients():
     older = [m.weight.grad[:, :, :-1] for m in vae.modules()
              if isinstance(m, torch.nn.Conv3d) and m.weight.grad is not None and m.kernel_size[0] == 3]
     assert older and any(t.abs().max() > 0 for t in older)  # the 5-frame clip trained the older taps (last step)
+
+
+def test_low_time_rows_are_drawn_below_their_bound_and_fraction_zero_is_the_earlier_teacher():
+    """``teacher.low_time_fraction``: that share of every batch trains at t ~ U(0, low_time_max) (shift 5's
+    logit-normal puts 0.7 % of its draws below t = 0.3); at 0 the draws, hence the weights, are the earlier ones."""
+    import torch
+
+    from anyflow.models.toy_teacher import train_transformer
+
+    class Probe(torch.nn.Module):  # records the timesteps it is trained at; a linear map, so it has gradients
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            self.seen.append(timestep.detach() / 1000.0)
+            return (hidden_states * self.w,)
+
+    z0, emb = torch.randn(8, 2, 1, 2, 2), torch.randn(8, 3, 4)
+
+    def times(low):
+        probe = Probe()
+        train_transformer(probe, z0, emb, torch.zeros(1, 3, 4), 50, 16, 1e-3, 0.1, 5.0, 0, progress=False,
+                          low_time=low)
+        return torch.stack(probe.seen), probe.w.detach()
+
+    base, w_base = times((0.0, 0.4))
+    again, w_again = times((0.0, 0.9))  # the bound is unused at fraction 0
+    assert torch.equal(base, again) and torch.equal(w_base, w_again)
+    assert float((base < 0.3).float().mean()) < 0.03
+    low, _ = times((0.25, 0.4))
+    assert torch.equal(low[0, :12], base[0, :12])  # the other rows keep the law (and, at the first step, the draws)
+    assert float((low[:, :12] < 0.3).float().mean()) < 0.03
+    assert float(low[:, 12:].max()) < 0.4 and float(low[:, 12:].mean()) == pytest.approx(0.2, abs=0.03)

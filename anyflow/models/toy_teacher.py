@@ -254,8 +254,11 @@ def set_latent_stats(vae, z_raw: torch.Tensor) -> None:
 
 def train_transformer(transformer, z0: torch.Tensor, embeds: torch.Tensor, empty: torch.Tensor, steps: int,
                       batch_size: int, lr: float, text_dropout: float, shift: float, seed: int,
-                      progress: bool = True) -> list[float]:
-    """Flow matching on normalised latents ``z0`` (N, C, F, H, W) with per-sample text ``embeds`` (N, L, D)."""
+                      progress: bool = True, low_time: tuple[float, float] = (0.0, 0.4)) -> list[float]:
+    """Flow matching on normalised latents ``z0`` (N, C, F, H, W) with per-sample text ``embeds`` (N, L, D).
+
+    Times: ``shift(σ(n))``, n ~ N(0, 1), except the last ``round(low_time[0]·B)`` rows of each batch at
+    t ~ U(0, low_time[1]) (the same random draws either way, so fraction 0 is the earlier teacher bit for bit)."""
     gen = torch.Generator().manual_seed(seed)
     transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -267,6 +270,9 @@ def train_transformer(transformer, z0: torch.Tensor, embeds: torch.Tensor, empty
         drop = torch.rand(batch_size, generator=gen) < text_dropout
         c[drop] = empty[0]
         t = shift_time(torch.sigmoid(torch.randn(batch_size, generator=gen)), shift)
+        n_low = round(low_time[0] * batch_size)
+        if n_low:
+            t = torch.cat([t[:batch_size - n_low], low_time[1] * torch.rand(n_low, generator=gen)])
         eps = torch.randn(x0.shape, generator=gen)
         tb = t.view(-1, 1, 1, 1, 1)
         zt = (1 - tb) * x0 + tb * eps
@@ -305,7 +311,8 @@ def train(cfg: Config, progress: bool = True) -> tuple[ToyTeacher, dict]:
     empty = encode_prompts(pipe, [""], cfg.model.max_text_len)
     t0 = time.time()
     fm_losses = train_transformer(teacher.transformer, z0, embeds, empty, tc.steps, tc.batch_size, tc.lr,
-                                  tc.text_dropout, cfg.model.flow_shift, tc.seed, progress)
+                                  tc.text_dropout, cfg.model.flow_shift, tc.seed, progress,
+                                  (tc.low_time_fraction, tc.low_time_max))
     fm_seconds = time.time() - t0
     tail = lambda xs: float(np.mean(xs[-max(1, len(xs) // 10):])) if xs else float("nan")  # noqa: E731
     return teacher, {"vae_loss_final": tail(vae_losses), "fm_loss_final": tail(fm_losses),

@@ -51,6 +51,22 @@ def dmd_time(batch_size: int, shift: float, t_min: float, t_max: float,
 
 renoise_time = dmd_time  # the generator step's name for it
 
+FAKE_TIME_LAWS = ("query", "reference", "logit_normal")
+
+
+def fake_score_time(batch_size: int, shift: float, t_min: float, t_max: float, generator: torch.Generator,
+                    law: str = "query") -> torch.Tensor:
+    """The fake score's training times (``stage2.fake_times``): ``query`` = :func:`dmd_time`, the law DMD queries
+    it at (default); ``reference`` = ``shift(sigmoid(N(0, 1)))`` (``trainer_wan_anyflow_onpolicy.py:236-239``);
+    ``logit_normal`` = ``sigmoid(N(0, 1))`` unshifted — this project's code before issue [I] (8 % of its training
+    above t = 0.8 against 56 % of the queries), kept so the README's ablation can measure the fix."""
+    if law == "query":
+        return dmd_time(batch_size, shift, t_min, t_max, generator)
+    if law not in FAKE_TIME_LAWS:
+        raise ValueError(f"stage2.fake_times: unknown {law!r} ({' | '.join(FAKE_TIME_LAWS)})")
+    s = torch.sigmoid(torch.randn(batch_size, generator=generator))
+    return time_shift(s, shift) if law == "reference" else s
+
 
 def noise_to(x0: torch.Tensor, eps: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
     """``z_t = (1 − t)·x0 + t·ε``."""

@@ -293,16 +293,17 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         per_sample = (pred - target.detach()).pow(2).flatten(1).mean(1)
         # reference trainer_wan_anyflow_pretrain.py:310-320: λ at the shifted t, then the adaptive weight on the
         # λ-weighted loss: loss_i ← loss_i·sg(mean_{r=t} loss / (loss_i + 1e-5)) for r ≠ t
-        weighted = time_weight(times.t, s1.weighting).to(x0.dtype) * per_sample
-        loss = (adaptive_weights(weighted, times.kind, s1.adaptive_c) * weighted).mean()
+        weighted = time_weight(_weight_time(times, s1), s1.weighting).to(x0.dtype) * per_sample
+        loss = (adaptive_weights(_adaptive_on(weighted, per_sample, s1), times.kind, s1.adaptive_c) * weighted).mean()
     else:
         per_frame = (pred - target.detach()).pow(2).transpose(1, 2).flatten(2).mean(2)  # (B, F)
         per_chunk = torch.stack([c.mean(1) for c in per_frame.split(list(chunks), dim=1)], 1)  # (B, K)
         frac = torch.tensor([c / x0.shape[2] for c in chunks], dtype=x0.dtype)
         per_sample = (per_chunk * frac).sum(1)
-        lam = time_weight(times.t, s1.weighting).to(x0.dtype)  # (B, K), at each chunk's shifted t
+        lam = time_weight(_weight_time(times, s1), s1.weighting).to(x0.dtype)  # (B, K), at each chunk's shifted t
         weighted = (lam * per_chunk * frac).sum(1)  # the sample's λ-weighted loss (the bidirectional one if all
-        loss = (adaptive_weights(weighted, times.kind, s1.adaptive_c) * weighted).mean()  # chunks share (t, r))
+        adapt = adaptive_weights(_adaptive_on(weighted, per_sample, s1), times.kind, s1.adaptive_c)  # chunks share
+        loss = (adapt * weighted).mean()  # (t, r))
         parts["per_chunk"] = per_chunk.detach()
     parts = {"loss": float(loss.detach()), **parts}
     for kd, name in ((KIND_DIFFUSION, "mse_r_eq_t"), (KIND_CONSISTENCY, "mse_r_eq_0"), (KIND_FREE, "mse_free")):
@@ -310,6 +311,18 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         if bool(sel.any()):
             parts[name] = float(per_sample[sel].detach().mean())
     return Stage1Out(loss, parts)
+
+
+def _weight_time(times: Times, s1) -> torch.Tensor:
+    """Where λ is evaluated: the shifted t (``stage1.weight_time: shifted``, the reference) or the unshifted draw
+    (``unshifted``: this project's code before issue [I], kept for the README's ablation)."""
+    return times.t if getattr(s1, "weight_time", "shifted") == "shifted" else times.s
+
+
+def _adaptive_on(weighted: torch.Tensor, per_sample: torch.Tensor, s1) -> torch.Tensor:
+    """What the adaptive weight normalises: the λ-weighted loss (``stage1.adaptive_on: weighted``, the reference)
+    or the bare MSE (``unweighted``: the earlier code, for the ablation)."""
+    return weighted if getattr(s1, "adaptive_on", "weighted") == "weighted" else per_sample
 
 
 def model_text_velocity(model) -> TextVelocityFn:

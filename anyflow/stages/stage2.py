@@ -279,10 +279,12 @@ def run(cfg: Config, max_steps: int | None = None, eval_samples: int = 64, fresh
     t_eval = time.perf_counter()
     m = min(eval_samples, data.latents.shape[0])
     w_ref = cfg.stage1.guidance_scale  # the scale the student reproduces (fused in stage 1, pulled to in stage 2)
-    reference = eval_reference(cfg, teacher, data, negative, m, w_ref,  # stage 1 sampled it already
-                               store=stage1_adapter.parent / EVAL_REFERENCE)
-    evaluation = evaluate(student, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
-                          cfg.model.flow_shift, reference=reference)
+    evaluation = {}
+    if m:
+        reference = eval_reference(cfg, teacher, data, negative, m, w_ref,  # stage 1 sampled it already
+                                   store=stage1_adapter.parent / EVAL_REFERENCE)
+        evaluation = evaluate(student, {"stage1": stage1_state, "stage2": trainer.ema_state()}, data, m,
+                              cfg.model.flow_shift, reference=reference)
     eval_seconds = time.perf_counter() - t_eval
 
     hist = trainer.state.history

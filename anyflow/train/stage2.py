@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from anyflow.config import Config
-from anyflow.objectives.dmd import dmd_time, fake_score_loss, generator_dmd_loss, guided_velocity
+from anyflow.objectives.dmd import dmd_time, fake_score_loss, fake_score_time, generator_dmd_loss, guided_velocity
 from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
 from anyflow.train.common import Ema, check_run_key, load_checkpoint, make_optimizer, run_key, save_checkpoint
 from anyflow.train.common import write_loss_csv as _write_csv
@@ -158,7 +158,7 @@ def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator:
     fake = score(model, FAKE, cond, STUDENT)
     dmd = generator_dmd_loss(x_hat, real, fake, t_prime, eps)
     use_adapter(rollout.model, STUDENT, STUDENT)
-    loss = dmd.loss
+    loss = s2.dmd_weight * dmd.loss
     parts = {"dmd": float(dmd.loss.detach()), "dmd_grad": dmd.grad_norm, "num_steps": n, "k": k}
     if stage1_loss_fn is not None and s2.stage1_weight > 0:
         s1 = stage1_loss_fn()
@@ -179,7 +179,7 @@ def fake_loss(model, cfg: Config, batch, generator: torch.Generator,
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     with torch.no_grad():
         x_hat = rollout.simulate(noise, cond, n, k, FAKE)
-    t = dmd_time(x0.shape[0], cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
+    t = fake_score_time(x0.shape[0], cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator, s2.fake_times)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     loss = fake_score_loss(score(model, FAKE, cond, FAKE), x_hat, eps, t)
     return loss, {"fake": float(loss.detach())}
