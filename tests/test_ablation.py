@@ -26,8 +26,9 @@ def test_every_variant_is_a_valid_config_that_differs_from_the_default_only_wher
         assert changed == set(over), name  # each override changes its value (none is the default already)
     assert ablate.variant_overrides(cfg, "real_score_w_plus_1") == {"stage2.real_guidance_scale":
                                                                     cfg.stage1.guidance_scale + 1}
-    union = {k: v for n in ablate.VARIANTS if n not in ("final", "before_all")
-             for k, v in ablate.variant_overrides(cfg, n).items()}
+    fixes = [n for n in ablate.VARIANTS if n not in ("final", "before_all") and not n.startswith("seed_")]
+    union = {k: v for n in fixes for k, v in ablate.variant_overrides(cfg, n).items()}
+    assert len(fixes) == 6  # [I] 1-6, one variant each
     assert ablate.variant_overrides(cfg, "before_all") == union and len(union) == 7
 
 
@@ -80,6 +81,9 @@ def test_table_joins_the_variants_with_one_dead_dimension_rule(tmp_path):
     totals = [t["rows"][f"{n}/stage2"]["total"]["2"] for n in ablate.VARIANTS]
     assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
     assert t["rows"]["final/stage1"]["latent_distance"] == {"1": 1.0, "2": 0.5}
+    seeded = ["final"] + [f"seed_{s}" for s in ablate.SEEDS]
+    totals_by = {n: t["rows"][f"{n}/stage2"]["total"]["2"] for n in seeded}
+    assert t["seed_spread"]["stage2"]["total"]["2"] == pytest.approx(max(totals_by.values()) - min(totals_by.values()))
     md = ablate.markdown(t)
     assert md.count("| final | stage2 |") == 3 and "teacher N steps × CFG" in md
     (out / "final.json").unlink()

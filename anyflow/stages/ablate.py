@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
 }
 VARIANTS["before_all"] = ("1-6 reverted together (the code before issue [I])",
                           {k: v for _, o, _ in VARIANTS.values() for k, v in o.items()}, True)
+# the final code at other training seeds (stage 1 and stage 2): the spread a difference must exceed to mean anything
+SEEDS = (1, 2)
+for _seed in SEEDS:
+    VARIANTS[f"seed_{_seed}"] = (f"the final code at training seed {_seed} (stage 1 and 2): seed spread",
+                                 {"stage1.seed": _seed, "stage2.seed": _seed}, True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,7 +161,11 @@ def table(cfg: Config) -> dict:
             e = report["baselines"][f"{n}/{stage}"]
             rows[f"{n}/{stage}"] = {k: {nfe: pick(e["by_nfe"][nfe], k) for nfe in nfes} for k, _, _ in COLUMNS}
     teacher = {k: {nfe: pick(report["teacher_at_budget"]["by_nfe"][nfe], k) for nfe in nfes} for k, _, _ in COLUMNS}
-    return {"nfes": nfes, "dead_dimensions": dead, "variants": {n: {"reverts": r["reverts"],
+    seeded = ["final", *(f"seed_{s}" for s in SEEDS)]
+    spread = {stage: {k: {nfe: max(rows[f"{n}/{stage}"][k][nfe] for n in seeded) -
+                          min(rows[f"{n}/{stage}"][k][nfe] for n in seeded) for nfe in nfes} for k, _, _ in COLUMNS}
+              for stage in ("stage1", "stage2")}
+    return {"nfes": nfes, "dead_dimensions": dead, "seed_spread": spread, "variants": {n: {"reverts": r["reverts"],
                                                                     "overrides": r["overrides"],
                                                                     "retrained_stage1": r["retrained_stage1"]}
                                                                 for n, r in runs.items()},
@@ -174,6 +183,9 @@ def markdown(t: dict) -> str:
         for name, row in t["rows"].items():
             variant, stage = name.split("/")
             lines.append(f"| {variant} | {stage} | " + " | ".join(f"{row[key][n]:.3f}" for n in t["nfes"]) + " |")
+        for stage, sp in t["seed_spread"].items():
+            lines.append(f"| *seed spread (max − min, seeds 0, {', '.join(map(str, SEEDS))})* | {stage} | "
+                         + " | ".join(f"*{sp[key][n]:.3f}*" for n in t["nfes"]) + " |")
         lines.append("| teacher N steps × CFG | | " + " | ".join(f"{t['teacher_n_steps'][key][n]:.3f}"
                                                          for n in t["nfes"]) + " |")
         lines.append("")
