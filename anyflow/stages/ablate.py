@@ -7,9 +7,9 @@ adapters. Every adapter is scored by the gate's own function (:func:`anyflow.sta
 held-out prompts and noises, NFE ``gate.nfes``) against the teacher rows of ``artifacts/gate_reference``.
 
 ``anyflow ablate --variant NAME`` writes ``artifacts/ablation/NAME.json`` (its training runs in
-``artifacts/ablation_work/NAME``, which resumes from its checkpoints after a kill); ``anyflow ablate --table`` joins
-them into ``metrics/ablation.json`` and ``artifacts/ablation/table.md`` (README's table): per variant, stage and
-NFE, the gate Total (the gate's dead dimensions dropped), the paired latent distance to the teacher's 50×CFG sample
+``artifacts/ablation_work/NAME``: every run trains afresh, a killed one resumes from stage 1's or stage 2's
+checkpoint); ``anyflow ablate --table`` joins them into ``metrics/ablation.json`` and
+``artifacts/ablation/table.md`` (README's table): per variant, stage and NFE, the gate Total (the gate's dead dimensions dropped), the paired latent distance to the teacher's 50×CFG sample
 and the latent Fréchet distance, with the teacher at N steps × CFG as the reference line.
 
 FAR's far context ([I] 8) is not a variant here: before the fix FAR training refused a partition longer than its
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -97,10 +98,14 @@ def train_variant(cfg: Config, name: str, progress: bool) -> tuple[Config, dict[
     for part in ("teacher", "data") + (() if retrain_stage1 else ("stage1",)):
         _link(Path(os.path.relpath(paths.root / part, work)), work / part)
     vpaths = StagePaths.of(vcfg)
-    if retrain_stage1 and not (vpaths.stage1 / "ema_adapter.safetensors").is_file():
+    # DVC runs this stage because an input changed, so adapters a previous run finished here are stale: train again
+    # (a killed run resumes from the stages' own checkpoints, which are keyed by their params, weights and data)
+    for out in ((vpaths.stage1,) if retrain_stage1 else ()) + (vpaths.stage2,):
+        if out.is_dir() and not out.is_symlink():
+            shutil.rmtree(out)
+    if retrain_stage1:
         stage1.run(vcfg, eval_samples=0, progress=progress)
-    if not (vpaths.stage2 / "ema_adapter.safetensors").is_file():
-        stage2.run(vcfg, eval_samples=0, progress=progress)
+    stage2.run(vcfg, eval_samples=0, progress=progress)
     return vcfg, {"stage1": vpaths.stage1 / "ema_adapter.safetensors",
                   "stage2": vpaths.stage2 / "ema_adapter.safetensors"}
 
