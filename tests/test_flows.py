@@ -31,7 +31,8 @@ FAKE_STAGE = textwrap.dedent('''
     root = pathlib.Path(".")
     (root / "metrics").mkdir(exist_ok=True)
     log = root / "calls.log"
-    log.write_text((log.read_text() if log.exists() else "") + " ".join(args) + "\\n")
+    with open(log, "a") as f:  # O_APPEND: the shard tasks run side by side (a read-then-write lost one's line)
+        f.write(" ".join(args) + "\\n")
     stage = args[0].rsplit(":", 1)[-1]  # `continued/dvc.yaml:domain` when the fake stands in for `dvc repro`
     if stage == "record":
         sys.exit(0)
