@@ -75,6 +75,11 @@ class Model:
     pretrained_dir: Optional[str] = None  # local Wan2.1 diffusers directory for source=local; never downloaded
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     flow_shift: float = 5.0  # shift(s) = k·s / (1 + (k − 1)·s), k = 5 for Wan2.1 at 480p
+    # guidance interval: CFG applies at t > guidance_min_t, the conditional velocity (w = 1) at and below it, in the
+    # teacher's sampler, stage 1's fused target and stage 2's real score alike (anyflow.objectives.dmd.guidance_at;
+    # Kynkäänniemi et al. 2024). 0 = guidance at every t, as Wan2.1 and the reference sample; the toy's value is
+    # measured in README "The toy teacher's guided ODE"
+    guidance_min_t: float = 0.0
     max_text_len: int = 32
     # toy architecture (ignored for source=local)
     vae_base_dim: int = 16
@@ -461,6 +466,8 @@ def validate(cfg: Config) -> None:
         (cfg.stage2.real_guidance_scale >= 1, "stage2.real_guidance_scale: must be >= 1 (u + w·(c − u); w = 1 is "
          "the conditional score, no guidance)"),
         (cfg.stage1.fd_eps > 0, "stage1.fd_eps: must be > 0"),
+        (0 <= cfg.model.guidance_min_t < 1, "model.guidance_min_t: must be in [0, 1) (CFG applies at t > it; 0 = "
+         "at every t)"),
         (0 <= cfg.student.gate_value <= 1, "student.gate_value: must be in [0, 1]"),
         (cfg.student.lora_rank > 0, "student.lora_rank: must be > 0"),
         (0 < cfg.stage2.renoise_min < cfg.stage2.renoise_max < 1, "stage2.renoise_min/max: need 0 < min < max < 1"),

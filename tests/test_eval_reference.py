@@ -22,7 +22,8 @@ def test_stored_reference_is_reused_only_for_the_same_teacher_inputs_and_setting
     cfg = build({"synthesize": {"steps": 3, "guidance_scale": 1.0}})
     teacher, data, neg = make_tiny_wan(), _data(0), torch.randn(1, 6, 64)
     store = tmp_path / "eval_reference.safetensors"
-    direct = teacher_ode_sample(teacher, data.noise[:2], data.prompt_embeds[:2], neg, 3, 5.0, cfg.model.flow_shift)
+    direct = teacher_ode_sample(teacher, data.noise[:2], data.prompt_embeds[:2], neg, 3, 5.0, cfg.model.flow_shift,
+                                guidance_min_t=cfg.model.guidance_min_t)
 
     first = eval_reference(cfg, teacher, data, neg, 2, 5.0, store=store, write=True)
     torch.testing.assert_close(first, direct, rtol=0, atol=0)
@@ -46,6 +47,10 @@ def test_stored_reference_is_reused_only_for_the_same_teacher_inputs_and_setting
         assert not torch.any(got == 7.0)
     cfg4 = build({"synthesize": {"steps": 4, "guidance_scale": 1.0}})
     assert not torch.any(eval_reference(cfg4, teacher, data, neg, 2, 5.0, store=store) == 7.0)
+    for min_t in (0.0, 0.3):  # another guidance interval is another reference (0: guidance at every step)
+        other = build({"synthesize": {"steps": 3, "guidance_scale": 1.0}, "model": {"guidance_min_t": min_t}})
+        assert other.model.guidance_min_t != cfg.model.guidance_min_t
+        assert not torch.any(eval_reference(other, teacher, data, neg, 2, 5.0, store=store) == 7.0)
     assert torch.all(eval_reference(cfg, teacher, data, neg, 2, 5.0, store=store) == 7.0)
     # at the data's own scale the shard latents are the reference, no sampling
     assert torch.equal(eval_reference(cfg, teacher, data, neg, 2, 1.0, store=store), data.latents[:2])

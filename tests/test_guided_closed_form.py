@@ -181,7 +181,7 @@ def batch(seed=0):
     return x0, text, torch.full((1, 1, 1), NEG, dtype=DT)
 
 
-def run(u, split, dropout=0.0, w=W, method="jvp", seed=4, seen=None, **kw):
+def run(u, split, dropout=0.0, w=W, method="jvp", seed=4, seen=None, min_t=0.0, **kw):
     """The code's stage-1 loss of student ``u`` (uniform λ; with no r = t row in ``split`` every adaptive weight is 1,
     so the loss is the plain mean of the per-row MSEs). ``seen`` collects the teacher's (z_t, t, text) per row."""
     x0, text, neg = batch()
@@ -193,7 +193,7 @@ def run(u, split, dropout=0.0, w=W, method="jvp", seed=4, seen=None, **kw):
             seen.update(z=z.clone(), t=t.clone(), dropped=c.reshape(c.shape[0], -1)[:, 0] == NEG)
         return teacher(z, t, c)
     return fm.stage1_terms(u, x0, text, neg, s1, "flowmap", 3.0, torch.Generator().manual_seed(seed),
-                           v_teacher=v_teacher)
+                           v_teacher=v_teacher, guidance_min_t=min_t)
 
 
 def calls(u, log):
@@ -384,3 +384,73 @@ def test_exact_guided_flow_map_is_a_zero_of_the_loss(split, target):
         assert loss < 1e-20
     else:
         assert loss > 0.1
+
+
+# ----------------------------------------------------------------------------------------------- (f) guidance interval
+TAU = 0.6  # model.guidance_min_t under test: CFG above it, the conditional velocity at and below it
+
+
+def interval_mean_vel(z, t, r, w, tau=TAU):
+    """The exact mean velocity of the ODE whose field is v_w at q > τ and v_c at q ≤ τ: f_c(·, t, r) below the
+    boundary, f_w(·, t, r) above it, and the composition f_c(f_w(z, t, τ), τ, r) for a jump that crosses it."""
+    nd = z.ndim - 1
+    tb, rb = _col(t, nd), _col(r, nd)
+    tau_b = torch.full_like(t, tau)
+    crossing = (z - flow("c", guided_flow(z, t, tau_b, w), _col(tau_b, nd), rb)) / torch.where(
+        (tb - rb).abs() < 1e-12, torch.ones_like(tb), tb - rb)
+    above = guided_mean_vel(z, t, torch.maximum(r, tau_b), w)  # valid where r ≥ τ (then r = max(r, τ))
+    below = mean_vel("c", z, tb, rb)
+    return torch.where(_col(t <= tau, nd), below, torch.where(_col(r >= tau, nd), above, crossing))
+
+
+def interval_student(w, tau=TAU):
+    return student(lambda z, t, r: interval_mean_vel(z, t, r, w, tau))
+
+
+def test_interval_closed_form_solves_its_ode():
+    """The piecewise closed form against RK4 on the piecewise field (an independent answer), on crossing jumps."""
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(6, *SHAPE, generator=g, dtype=DT)
+    t = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.65, 0.5], dtype=DT)
+    r = torch.tensor([0.1, 0.0, 0.3, 0.62, 0.2, 0.1], dtype=DT)
+    mid = torch.minimum(torch.maximum(torch.full_like(t, TAU), r), t)  # τ clipped into [r, t]
+
+    def rk4(y, a, b, field, n=400):  # classical RK4 from a to b (per row), one smooth field per leg
+        h = (b - a) / n
+        for i in range(n):
+            q = a + i * h
+            k1 = field(y, q)
+            k2 = field(y + _col(h / 2, 4) * k1, q + h / 2)
+            k3 = field(y + _col(h / 2, 4) * k2, q + h / 2)
+            k4 = field(y + _col(h, 4) * k3, q + h)
+            y = y + _col(h / 6, 4) * (k1 + 2 * k2 + 2 * k3 + k4)
+        return y
+
+    y = rk4(z, t, mid, lambda y, q: v_guided(y, _col(q, 4), W))  # above τ: CFG (empty leg when t ≤ τ)
+    y = rk4(y, mid, r, lambda y, q: vel("c", y, _col(q, 4)))  # at and below τ: the conditional velocity
+    exact = z - _col(t - r, 4) * interval_mean_vel(z, t, r, W)
+    assert (exact - y).abs().max() < 1e-6
+    # and it is a different map from CFG everywhere on the jumps that reach below τ
+    allg = z - _col(t - r, 4) * guided_mean_vel(z, t, r, W)
+    assert (exact - allg)[r < TAU].abs().max() > 0.05
+
+
+@pytest.mark.parametrize("split", [(1, 0, 0), (0, 1, 0), (0, 0, 1)])
+@pytest.mark.parametrize("method,tol", [("jvp", 1e-20), ("central", 1e-8)])
+def test_meanflow_target_under_a_guidance_interval(split, method, tol):
+    """``model.guidance_min_t`` = τ: the exact mean velocity of the interval-guided ODE (U_∅ on dropped rows) scores
+    zero — on jumps above τ, below it and across it — and the all-guided U_w does not; without the interval
+    (τ = 0) it is the other way round. The rows really cover the three cases (asserted)."""
+    seen, kw = {}, dict(method=method, guidance_target="meanflow")
+    assert float(run(interval_student(W), split, 0.5, seen=seen, min_t=TAU, **kw).loss) < tol
+    assert 0 < int(seen["dropped"].sum()) < B
+    t = seen["t"]
+    assert bool((t > TAU).any()) and bool((t <= TAU).any())
+    if split != (1, 0, 0):
+        log = []
+        run(calls(interval_student(W), log), split, 0.5, min_t=TAU, **kw)
+        r = log[-1][1]  # the prediction call: every row
+        assert bool(((t > TAU) & (r < TAU)).any())  # a jump across the boundary
+    assert float(run(guided_student(W), split, 0.5, min_t=TAU, **kw).loss) > 1e-4
+    assert float(run(interval_student(W), split, 0.5, min_t=0.0, **kw).loss) > 1e-4
+    assert float(run(guided_student(W), split, 0.5, min_t=0.0, **kw).loss) < tol

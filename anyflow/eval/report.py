@@ -21,6 +21,11 @@ STEP_COLUMNS = ("nfe", "model", "total", "quality", "semantic", "color", "shape"
 BUDGET_MODEL = "teacher_n_steps"  # the teacher at N Euler steps × CFG, one row per gate NFE N
 
 
+
+def _interval(t: dict) -> str:
+    """`` at t > τ only (w = 1 below)`` for a teacher sampled under a guidance interval (``model.guidance_min_t``)."""
+    return f" at t > {t['guidance_min_t']:g} only (w = 1 below: guidance interval)" if t.get("guidance_min_t") else ""
+
 def step_rows(report: Mapping) -> list[dict]:
     """One row per (model, NFE): the candidate, each baseline, the teacher at the same budget (``teacher_n_steps``:
     N steps × CFG at NFE N) and the reference teacher at its own NFE (steps × 2)."""
@@ -113,12 +118,14 @@ def summary_markdown(report: Mapping) -> str:
     c, t = report["candidate"], report["teacher"]
     out += [f"Candidate: `{c.get('adapter', '?')}` (paradigm {c.get('paradigm', '?')}); "
             f"{report.get('num_samples', '?')} held-out samples; teacher {t['nfe']} NFE "
-            f"({t.get('steps', '?')} steps × CFG, guidance scale w = {t.get('guidance_scale', '?')}, "
-            f"{t.get('guidance_convention', 'u + w·(c − u)')}).", ""]
+            f"({t.get('steps', '?')} steps × CFG, guidance scale w = {t.get('guidance_scale', '?')}"
+            f"{_interval(t)}, {t.get('guidance_convention', 'u + w·(c − u)')}).", ""]
     if report.get("teacher_at_budget"):
+        b = report["teacher_at_budget"]
         out += [f"`{BUDGET_MODEL}`: the teacher at the same budget — N Euler steps × CFG (w = "
-                f"{report['teacher_at_budget'].get('guidance_scale', '?')}) at gate NFE N, i.e. 2N network "
-                "evaluations against the student's N.", ""]
+                f"{b.get('guidance_scale', '?')}{_interval(b)}) at gate NFE N, i.e. "
+                f"{'N + the guided steps' if b.get('guidance_min_t') else '2N'} network evaluations against the "
+                "student's N.", ""]
     dead = report.get("dead_dimensions") or {}
     if dead:
         out += ["Dropped from Quality / Semantic / Total (dead dimensions): "

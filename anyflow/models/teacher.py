@@ -84,29 +84,42 @@ def ode_schedule(steps: int, shift: float) -> torch.Tensor:
 @torch.no_grad()
 def teacher_ode_sample(transformer, noise_BCFHW: torch.Tensor, prompt_embeds: torch.Tensor,
                        negative_embeds: torch.Tensor, steps: int, guidance_scale: float, shift: float,
-                       progress: bool = False) -> torch.Tensor:
+                       progress: bool = False, guidance_min_t: float = 0.0) -> torch.Tensor:
     """Euler on the PF-ODE ``dz/dt = v`` from t = 1 to 0 over the shifted schedule, with CFG ``u + w·(c − u)``.
 
     ``z_{t_{i+1}} = z_{t_i} + (t_{i+1} − t_i)·v̂``. Returns x0 in the transformer's normalised latent space.
-    ``negative_embeds`` (1, L, D) is broadcast over the batch; ``guidance_scale`` 1 skips the unconditional pass.
+    ``negative_embeds`` (1, L, D) is broadcast over the batch; a step whose scale is 1 — ``guidance_scale`` 1, or a
+    step at ``t_i ≤ guidance_min_t`` (the guidance interval, :func:`anyflow.objectives.dmd.guidance_at`) — takes the
+    conditional velocity and skips the unconditional pass.
     """
     from tqdm.auto import tqdm
+
+    from anyflow.objectives.dmd import guidance_at
 
     z = noise_BCFHW.float().clone()
     b = z.shape[0]
     ts = ode_schedule(steps, shift)
+    ws = guidance_at(ts[:-1].double(), guidance_scale, guidance_min_t).tolist()
     neg = negative_embeds.expand(b, *negative_embeds.shape[1:])
     for i in tqdm(range(steps), disable=not progress, desc="teacher ODE", leave=False):
         t = ts[i].expand(b)
-        if guidance_scale == 1.0:
+        if ws[i] == 1.0:
             v = teacher_velocity(transformer, z, t, prompt_embeds)
         else:
             both = teacher_velocity(transformer, torch.cat([z, z]), torch.cat([t, t]),
                                     torch.cat([prompt_embeds, neg]))
             c, u = both.chunk(2)
-            v = u + guidance_scale * (c - u)
+            v = u + ws[i] * (c - u)
         z = z + (ts[i + 1] - ts[i]) * v
     return z
+
+
+def teacher_nfe(steps: int, guidance_scale: float, shift: float, guidance_min_t: float = 0.0) -> int:
+    """Network evaluations of :func:`teacher_ode_sample`: 2 per guided step, 1 per step at scale 1."""
+    from anyflow.objectives.dmd import guidance_at
+
+    ws = guidance_at(ode_schedule(steps, shift)[:-1].double(), guidance_scale, guidance_min_t)
+    return int(steps + (ws != 1).sum())
 
 
 def latent_shape(pipe, cfg) -> tuple[int, int, int, int]:

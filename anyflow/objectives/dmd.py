@@ -79,12 +79,26 @@ def x0_from_velocity(z_t: torch.Tensor, t_B: torch.Tensor, v: torch.Tensor) -> t
     return z_t - _bcast(t_B, z_t) * v
 
 
-def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def guided_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance ``v_u + w·(v_c − v_u)`` (w = 1: the conditional velocity, no guidance) — the one
     convention of the project: stage 1 fuses the same form (:func:`anyflow.objectives.flowmap.fuse_guidance`), the
     teacher samples with it (:func:`anyflow.models.teacher.teacher_ode_sample`). The reference writes the real
-    score as ``c + s·(c − u)`` (``trainer_wan_anyflow_onpolicy.py:130-132``), i.e. w = 1 + s."""
+    score as ``c + s·(c − u)`` (``trainer_wan_anyflow_onpolicy.py:130-132``), i.e. w = 1 + s. ``scale`` a float or
+    one w per sample (B,) (:func:`guidance_at`)."""
+    if torch.is_tensor(scale):
+        scale = _bcast(scale.to(v_cond.dtype), v_cond)
     return v_uncond + scale * (v_cond - v_uncond)
+
+
+def guidance_at(t: torch.Tensor, scale: float, min_t: float = 0.0) -> torch.Tensor:
+    """The CFG scale in force at times ``t`` (any shape) under a guidance interval (``model.guidance_min_t``;
+    Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"): ``scale`` where ``t > min_t``, 1 — the
+    conditional velocity — at and below it. ``min_t`` ≤ 0 is guidance at every time (the reference, Wan2.1's own
+    sampler). The teacher's sampler, stage 1's fused target and stage 2's real score all read it from here, so the
+    student learns the very ODE the gate's teacher reference integrates."""
+    if min_t <= 0:
+        return torch.full_like(t, float(scale))
+    return torch.where(t > min_t, torch.full_like(t, float(scale)), torch.ones_like(t))
 
 
 def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,

@@ -198,7 +198,8 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
                  global_batch: Optional[int] = None, sample_seeds: Optional[Sequence[int]] = None,
                  u_nograd: Optional[TextVelocityFn] = None,
                  v_teacher: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                 chunks: Optional[Sequence[int]] = None, clean: Optional[torch.Tensor] = None) -> Stage1Out:
+                 chunks: Optional[Sequence[int]] = None, clean: Optional[torch.Tensor] = None,
+                 guidance_min_t: float = 0.0) -> Stage1Out:
     """The stage-1 loss of velocity ``u`` on clean latents ``x0`` with text ``text``; ``s1`` is ``cfg.stage1``.
     ``u_nograd`` (default ``u``) serves the no-grad evaluations (dF/dt, the unconditional branch) — under DDP the
     unwrapped module, so only the graded call goes through the wrapper. ``v_teacher(z, t, text)`` (no grad), when
@@ -207,6 +208,10 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     NVlabs/AnyFlow objective: tangent v, fused mean u_∅(t, r)) or "meanflow" (tangent v_w = w·v + (1 − w)·v_∅,
     target v + ((1 − w)/w)·(v_∅ − u_∅) − (t − r)·dF/dt/w, v_∅ = u_∅(t, t): zero at the exact guided flow map;
     tests/test_guided_closed_form.py). Both are the same on r = t rows and on unguided (w = 1) rows.
+    ``guidance_min_t`` (``model.guidance_min_t``): the guidance interval — w is the scale in force at the row's (or
+    chunk's) own t (:func:`anyflow.objectives.dmd.guidance_at`), 1 at t ≤ it; with "meanflow" the target then is
+    the mean velocity of the ODE whose field is guided only above the boundary (the MeanFlow identity holds for any
+    time-dependent field; a jump from t above to r below it crosses the boundary exactly; tested in closed form).
 
     Causal student (AnyFlow-FAR): ``chunks`` (the latent frames of each chunk, summing to F) gives every chunk its
     own (t, r) — t, r are (B, K), z_t is built per chunk, and dF/dt is taken along (v, 1 on every chunk's t), which
@@ -242,8 +247,12 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
     else:
         with torch.no_grad():
             v = v_teacher(z, t, text).detach()
-    w = torch.where(drop, torch.ones(b), torch.full((b,), float(s1.guidance_scale))).to(x0.dtype)
-    guided = w != 1
+    from anyflow.objectives.dmd import guidance_at
+
+    w_t = guidance_at(times.t, float(s1.guidance_scale), guidance_min_t)  # (B,) or (B, K): the scale at each t
+    w = torch.where(drop if w_t.ndim == 1 else drop[:, None], torch.ones_like(w_t), w_t).to(x0.dtype)
+    wb = _b(w, x0) if chunks is None else _frames(w, chunks, x0)  # broadcast over x0
+    guided = w != 1 if w.ndim == 1 else (w != 1).any(1)  # rows with at least one guided chunk
     moving = times.kind != KIND_DIFFUSION  # only r ≠ t samples need dF/dt
     mode = getattr(s1, "guidance_target", "reference")
     if mode not in ("reference", "meanflow"):
@@ -265,7 +274,6 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
                 gm = (guided & moving).nonzero().squeeze(1)
                 if gm.numel():
                     v_unc[gm] = u_ng(z[gm], t[gm], t[gm], neg[gm], *ctx(gm)).to(v_unc.dtype)
-        wb = _b(w, x0)
         v_w = wb * v + (1.0 - wb) * v_unc
         target = v + (1.0 - wb) / wb * (v_unc - u_unc)
     else:
@@ -275,7 +283,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
         zm, tm, rm, cm = z[idx], t[idx], r[idx], text[idx]
         dfdt = total_derivative(lambda zz, tt: u_ng(zz, tt, rm, cm, *ctx(idx)), zm, tm, v_w[idx], s1.derivative,
                                 s1.fd_eps)
-        target[idx] = meanflow_target(dfdt / _b(w[idx], dfdt), target[idx], tb[idx] if chunks else tm,
+        target[idx] = meanflow_target(dfdt / wb[idx], target[idx], tb[idx] if chunks else tm,
                                       rb[idx] if chunks else rm).to(target.dtype)
 
     pred_c = u(z, t, r, text, *ctx(None))
@@ -285,7 +293,7 @@ def stage1_terms(u: TextVelocityFn, x0: torch.Tensor, text: torch.Tensor, negati
                 u_unc = torch.zeros_like(pred_c)
                 gi = guided.nonzero().squeeze(1)
                 u_unc[gi] = u_ng(z[gi], t[gi], r[gi], neg[gi], *ctx(gi)).to(u_unc.dtype)
-        pred = fuse_guidance(pred_c, u_unc, w)
+        pred = fuse_guidance(pred_c, u_unc, wb)
     else:
         pred = pred_c
     parts = {}
@@ -342,8 +350,8 @@ def stage1_loss(model, cfg, batch, negative: torch.Tensor, generator: torch.Gene
         u, chunks = far_stage1_velocity(model)
         return stage1_terms(u, batch.latents, batch.prompt_embeds, negative, cfg.stage1, cfg.student.paradigm,
                             cfg.model.flow_shift, generator, global_offset, global_batch, chunks=chunks,
-                            clean=batch.latents).loss
+                            clean=batch.latents, guidance_min_t=cfg.model.guidance_min_t).loss
     v_teacher = teacher_velocity(model, STUDENT) if cfg.stage1.velocity_target == "teacher" else None
     return stage1_terms(model_text_velocity(model), batch.latents, batch.prompt_embeds, negative, cfg.stage1,
                         cfg.student.paradigm, cfg.model.flow_shift, generator, global_offset, global_batch,
-                        v_teacher=v_teacher).loss
+                        v_teacher=v_teacher, guidance_min_t=cfg.model.guidance_min_t).loss

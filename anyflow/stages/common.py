@@ -118,6 +118,8 @@ def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale:
         inputs.update(t.detach().float().contiguous().cpu().numpy().tobytes())
     key = {"num_samples": str(m), "guidance_scale": repr(float(guidance_scale)), "steps": str(cfg.synthesize.steps),
            "flow_shift": repr(float(cfg.model.flow_shift)), "inputs_sha256": inputs.hexdigest()}
+    if cfg.model.guidance_min_t > 0:  # only then, so stores written before the interval existed stay valid
+        key["guidance_min_t"] = repr(float(cfg.model.guidance_min_t))
     if store is not None and Path(store).is_file():
         from safetensors import safe_open
 
@@ -126,7 +128,8 @@ def eval_reference(cfg: Config, teacher, data, negative, m: int, guidance_scale:
                 return f.get_tensor("latents")
     ref = torch.cat([teacher_ode_sample(teacher, data.noise[i:min(m, i + batch)],
                                         data.prompt_embeds[i:min(m, i + batch)], negative, cfg.synthesize.steps,
-                                        guidance_scale, cfg.model.flow_shift) for i in range(0, m, batch)])
+                                        guidance_scale, cfg.model.flow_shift,
+                                        guidance_min_t=cfg.model.guidance_min_t) for i in range(0, m, batch)])
     if store is not None and write:
         from anyflow.utils.io import write_safetensors
 

@@ -198,7 +198,8 @@ def evaluate(cfg: Config, pipe, adapters: dict[str, Path], progress: bool = True
         noise = torch.randn((n, *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(g.seed))
         decode = lambda x: toy.to_pixels(batched(lambda i, j: decode_latents(pipe, x[i:j]), n))  # noqa: E731
         x_t = batched(lambda i, j: teacher_ode_sample(pipe.transformer, noise[i:j], emb[i:j], neg, g.teacher_steps,
-                                                      g.teacher_guidance_scale, shift), n)
+                                                      g.teacher_guidance_scale, shift,
+                                                      guidance_min_t=cfg.model.guidance_min_t), n)
         frames_t = decode(x_t)
         feats = fidelity.video_features(list(frames_t))
         out["teacher"][dom] = score(frames_t, specs, x_t, x_t, feats, domain=dom)

@@ -246,17 +246,23 @@ def setup(cfg: Config, progress: bool, desc: str, extra_batches: int = 0):
     return pipe, es, emb, neg, noise, bar, decode
 
 
-def teacher_samples(pipe, noise, emb, neg, steps: int, guidance_scale: float, shift: float, progress, desc: str):
-    """The teacher's Euler ODE samples (``steps`` steps, CFG ``guidance_scale``) from ``noise``, batched."""
+def teacher_samples(pipe, noise, emb, neg, steps: int, guidance_scale: float, shift: float, progress, desc: str,
+                    guidance_min_t: float = 0.0):
+    """The teacher's Euler ODE samples (``steps`` steps, CFG ``guidance_scale`` at t > ``guidance_min_t``) from
+    ``noise``, batched."""
     from anyflow.models.teacher import teacher_ode_sample
 
     return _batched(lambda i, j: teacher_ode_sample(pipe.transformer, noise[i:j], emb[i:j], neg, steps,
-                                                    guidance_scale, shift), noise.shape[0], progress, desc)
+                                                    guidance_scale, shift, guidance_min_t=guidance_min_t),
+                    noise.shape[0], progress, desc)
 
 
-def cfg_nfe(steps: int, guidance_scale: float) -> int:
-    """Network evaluations of ``steps`` Euler steps: 2 per step with CFG, 1 without (w = 1)."""
-    return steps * (1 if guidance_scale == 1 else 2)
+def cfg_nfe(steps: int, guidance_scale: float, shift: float = 1.0, guidance_min_t: float = 0.0) -> int:
+    """Network evaluations of ``steps`` Euler steps: 2 per step with CFG, 1 without (w = 1, or a step at or below
+    the guidance interval's ``guidance_min_t`` on the ``shift`` grid)."""
+    from anyflow.models.teacher import teacher_nfe
+
+    return teacher_nfe(steps, guidance_scale, shift, guidance_min_t)
 
 
 def drop_dead(report: dict, floor: float, es=None) -> dict:
@@ -379,8 +385,10 @@ def run(cfg: Config, candidate: str = "auto", paradigm: Optional[str] = None, co
     bar.close()
 
     report = {"candidate": results.pop("student"), "teacher": teacher, "baselines": results,
-              "teacher_at_budget": {"steps": "N Euler steps × CFG at gate NFE N (2N network evaluations)",
+              "teacher_at_budget": {"steps": "N Euler steps × CFG at gate NFE N (2N network evaluations; N plus "
+                                             "the guided steps under a guidance interval)",
                                     "guidance_scale": g.teacher_guidance_scale,
+                                    "guidance_min_t": cfg.model.guidance_min_t,
                                     "guidance_convention": GUIDANCE_CONVENTION, "by_nfe": budget},
               "prompts": es.prompts, "evaluation_set": es.kind, "num_samples": n, "seed": g.seed,
               "policy": _policy_dict(g.policy)}
@@ -468,7 +476,9 @@ def main(cfg: Config, args) -> int:
                  tuple(getattr(args, "drift_nfes", DRIFT_NFES)), getattr(args, "reference", None),
                  getattr(args, "baseline", None))
     t = report["teacher"]
-    print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g} ({t['guidance_convention']}), {t['nfe']} NFE: "
+    interval = f" at t > {t['guidance_min_t']:g}" if t.get("guidance_min_t") else ""
+    print(f"teacher {t['steps']} steps × CFG w={t['guidance_scale']:g}{interval} ({t['guidance_convention']}), "
+          f"{t['nfe']} NFE: "
           f"Total {t['total']:.4f} (semantic "
           f"{'dropped: every semantic dimension dead' if t['semantic'] is None else format(t['semantic'], '.3f')})")
     row = "  ".join(f"{n}:{r['total']:.4f}" for n, r in report["teacher_at_budget"]["by_nfe"].items())

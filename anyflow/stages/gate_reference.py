@@ -72,7 +72,8 @@ def fingerprint(cfg: Config, es) -> dict:
                      "teacher_guidance_scale": g.teacher_guidance_scale, "num_prompts": g.num_prompts,
                      "seeds_per_prompt": g.seeds_per_prompt, "num_previews": g.num_previews},
             "data": {"seed": cfg.data.seed, "heldout_fraction": cfg.data.heldout_fraction},
-            "model": {"flow_shift": cfg.model.flow_shift, "max_text_len": cfg.model.max_text_len},
+            "model": {"flow_shift": cfg.model.flow_shift, "max_text_len": cfg.model.max_text_len,
+                      "guidance_min_t": cfg.model.guidance_min_t},
             "negative_prompt": cfg.synthesize.negative_prompt,
             "video": {"num_frames": cfg.video.num_frames, "height": cfg.video.height, "width": cfg.video.width}}
 
@@ -84,22 +85,24 @@ def compute(cfg: Config, pipe, es, emb, neg, noise, bar, decode) -> Reference:
 
     fvd = getattr(es, "fvd", None)
 
-    g, shift = cfg.gate, cfg.model.flow_shift
+    g, shift, min_t = cfg.gate, cfg.model.flow_shift, cfg.model.guidance_min_t
     x_teacher = teacher_samples(pipe, noise, emb, neg, g.teacher_steps, g.teacher_guidance_scale, shift, bar,
-                                "teacher")
+                                "teacher", min_t)
     frames_teacher = decode(x_teacher)
     teacher_feats = fidelity.video_features(list(frames_teacher))
     teacher = es.score(frames_teacher, x_teacher, x_teacher, teacher_feats)
     fvd_teacher = None
     if fvd is not None:
         fvd_teacher = fvd.teacher = fvd.net.features(frames_teacher)
-    teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale,
-                   guidance_convention=GUIDANCE_CONVENTION, nfe=cfg_nfe(g.teacher_steps, g.teacher_guidance_scale))
+    teacher.update(steps=g.teacher_steps, guidance_scale=g.teacher_guidance_scale, guidance_min_t=min_t,
+                   guidance_convention=GUIDANCE_CONVENTION,
+                   nfe=cfg_nfe(g.teacher_steps, g.teacher_guidance_scale, shift, min_t))
     budget = {}  # the teacher at the same budget: N Euler steps × CFG per gate NFE N (same noises)
     for nfe in g.nfes:
-        x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG")
+        x = teacher_samples(pipe, noise, emb, neg, nfe, g.teacher_guidance_scale, shift, bar, f"teacher {nfe}×CFG",
+                            min_t)
         budget[str(nfe)] = es.score(decode(x), x, x_teacher, teacher_feats)
-        budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale))
+        budget[str(nfe)].update(steps=nfe, evaluations=cfg_nfe(nfe, g.teacher_guidance_scale, shift, min_t))
     return Reference(x_teacher, teacher_feats, fvd_teacher, frames_teacher[:g.num_previews], teacher, budget,
                      fingerprint(cfg, es))
 

@@ -157,7 +157,8 @@ def run(cfg: Config, teacher: str | None = None, progress: bool = True) -> dict:
     names = []
     for n in steps:
         with torch.no_grad():
-            x = teacher_samples(pipe, noise, emb, neg, n, g.teacher_guidance_scale, shift, bar, f"teacher {n}")
+            x = teacher_samples(pipe, noise, emb, neg, n, g.teacher_guidance_scale, shift, bar, f"teacher {n}",
+                                cfg.model.guidance_min_t)
             frames = toy.to_pixels(_batched(lambda i, j: decode_latents(pipe, x[i:j]), len(specs), bar, "decode"))
         names.append(f"teacher_{n}xcfg")
         rows[names[-1]] = np.asarray(frames)
@@ -171,6 +172,7 @@ def run(cfg: Config, teacher: str | None = None, progress: bool = True) -> dict:
                    corrupted, realism=fvd.realism if fvd is not None else None)
     out["realism"] = fvd is not None
     out.update(teacher_guidance_scale=g.teacher_guidance_scale, guidance_convention="u + w·(c − u)",
+               guidance_min_t=cfg.model.guidance_min_t,
                seconds=time.perf_counter() - t_start)
     write_json(paths.metric("gate_sanity"), out)
     return out

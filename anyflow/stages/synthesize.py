@@ -93,7 +93,8 @@ def synth_shard(pipe, cfg: Config, indices: list[int], prompts: list[str], neg, 
     for b in range(0, len(indices), sc.batch_size):
         sl = slice(b, b + sc.batch_size)
         outs.append(teacher_ode_sample(pipe.transformer, noise[sl], embeds[sl], neg, sc.steps,
-                                       sc.guidance_scale, cfg.model.flow_shift, progress=progress))
+                                       sc.guidance_scale, cfg.model.flow_shift, progress=progress,
+                                       guidance_min_t=cfg.model.guidance_min_t))
     return torch.cat(outs), noise, embeds, texts, seeds
 
 

@@ -47,7 +47,8 @@ def heldout_accuracy(pipe, cfg: Config, seed: int) -> dict:
     neg = negative_embeds(pipe, "", cfg.model.max_text_len)
     noise = torch.randn((len(specs), *latent_shape(pipe, cfg)), generator=torch.Generator().manual_seed(seed))
     x0 = teacher_ode_sample(pipe.transformer, noise, emb, neg, cfg.teacher.eval_steps,
-                            cfg.teacher.guidance_scale, cfg.model.flow_shift, progress=True)
+                            cfg.teacher.guidance_scale, cfg.model.flow_shift, progress=True,
+                            guidance_min_t=cfg.model.guidance_min_t)
     frames = toy.to_pixels(decode_latents(pipe, x0))
     scores = [toy_scorers.score_clip(f, s) for f, s in zip(frames, specs)]
     out = {f"heldout_{k}": sum(s[k] for s in scores) / len(scores) for k in ("color", "shape", "direction")}

@@ -128,7 +128,8 @@ class SelfDistillTrainer(FlowMapTrainer):
         if len(fm):
             s1_rows = s1 if self.mode == "base" else dataclasses.replace(s1, time_split=(1.0, 0.0, 0.0))
             out = stage1_terms(u, x0[fm], text[fm], self.negative, s1_rows, cfg.student.paradigm,
-                               cfg.model.flow_shift, None, 0, len(fm), [seeds[int(i)] for i in fm])
+                               cfg.model.flow_shift, None, 0, len(fm), [seeds[int(i)] for i in fm],
+                               guidance_min_t=cfg.model.guidance_min_t)
             loss = loss + len(fm) / b * out.loss
             parts.update({k: v for k, v in out.parts.items() if k != "loss"})
         di = distil.nonzero().squeeze(1)

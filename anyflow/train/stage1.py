@@ -128,14 +128,15 @@ class FlowMapTrainer:
                 u, chunks = far_stage1_velocity(wrapped, bare)
                 out = stage1_terms(u, x0, text, self.negative, cfg.stage1, cfg.student.paradigm,
                                    cfg.model.flow_shift, None, start, self.global_batch, seeds,
-                                   far_stage1_velocity(bare)[0], chunks=chunks, clean=x0)
+                                   far_stage1_velocity(bare)[0], chunks=chunks, clean=x0,
+                                   guidance_min_t=cfg.model.guidance_min_t)
             else:
                 out = stage1_terms(lambda z, t, r, c: student_velocity(wrapped, z, t, r, c), x0, text,
                                    self.negative, cfg.stage1, cfg.student.paradigm, cfg.model.flow_shift, None,
                                    start, self.global_batch, seeds,
                                    lambda z, t, r, c: student_velocity(bare, z, t, r, c),
                                    teacher_velocity(bare, self.adapter) if self.velocity_target == "teacher"
-                                   else None)
+                                   else None, guidance_min_t=cfg.model.guidance_min_t)
         self.opt.zero_grad(set_to_none=True)
         acc.backward(out.loss)
         parts = dict(out.parts)

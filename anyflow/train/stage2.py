@@ -41,7 +41,8 @@ from typing import Callable, Optional
 import torch
 
 from anyflow.config import Config
-from anyflow.objectives.dmd import dmd_time, fake_score_loss, fake_score_time, generator_dmd_loss, guided_velocity
+from anyflow.objectives.dmd import (dmd_time, fake_score_loss, fake_score_time, generator_dmd_loss, guidance_at,
+                                    guided_velocity)
 from anyflow.objectives.simulation import VelocityFn, draw_rollout, flowmap_backward_simulation
 from anyflow.train.common import Ema, check_run_key, load_checkpoint, make_optimizer, run_key, save_checkpoint
 from anyflow.train.common import write_loss_csv as _write_csv
@@ -86,13 +87,18 @@ def score(model, adapter: Optional[str], prompt_embeds: torch.Tensor, trainable:
     return lambda z, t: u(z, t, t)
 
 
-def teacher_cfg_score(model, cond: torch.Tensor, uncond: torch.Tensor, scale: float, trainable: Optional[str]):
-    """Real score: frozen teacher with CFG ``v_u + w·(v_c − v_u)`` (one batched call over [cond; uncond])."""
+def teacher_cfg_score(model, cond: torch.Tensor, uncond: torch.Tensor, scale: float, trainable: Optional[str],
+                      guidance_min_t: float = 0.0):
+    """Real score: frozen teacher with CFG ``v_u + w·(v_c − v_u)`` (one batched call over [cond; uncond]); under a
+    guidance interval (``model.guidance_min_t``) each sample takes the scale in force at its own t
+    (:func:`~anyflow.objectives.dmd.guidance_at`: w = 1, the conditional score, at t ≤ the boundary)."""
     u = velocity(model, TEACHER, torch.cat([cond, uncond]), trainable)
 
     def v(z, t):
         vc, vu = u(torch.cat([z, z]), torch.cat([t, t]), torch.cat([t, t])).chunk(2)
-        return guided_velocity(vc, vu, scale)
+        if guidance_min_t <= 0:
+            return guided_velocity(vc, vu, scale)
+        return guided_velocity(vc, vu, guidance_at(t, scale, guidance_min_t))
 
     return v
 
@@ -154,7 +160,8 @@ def generator_loss(model, cfg: Config, batch, negative: torch.Tensor, generator:
     x_hat = rollout.simulate(noise, cond, n, k, STUDENT)
     t_prime = dmd_time(b, cfg.model.flow_shift, s2.renoise_min, s2.renoise_max, generator)
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    real = teacher_cfg_score(model, cond, negative.expand(b, -1, -1), s2.real_guidance_scale, STUDENT)
+    real = teacher_cfg_score(model, cond, negative.expand(b, -1, -1), s2.real_guidance_scale, STUDENT,
+                             cfg.model.guidance_min_t)
     fake = score(model, FAKE, cond, STUDENT)
     dmd = generator_dmd_loss(x_hat, real, fake, t_prime, eps)
     use_adapter(rollout.model, STUDENT, STUDENT)
