@@ -26,10 +26,27 @@ def test_every_variant_is_a_valid_config_that_differs_from_the_default_only_wher
         assert changed == set(over), name  # each override changes its value (none is the default already)
     assert ablate.variant_overrides(cfg, "real_score_w_plus_1") == {"stage2.real_guidance_scale":
                                                                     cfg.stage1.guidance_scale + 1}
-    fixes = [n for n in ablate.VARIANTS if n not in ("final", "before_all") and not n.startswith("seed_")]
+    fixes = [n for n in ablate.VARIANTS if n not in ("final", "before_all", *ablate.CHOICES)
+             and not n.startswith("seed_")]
     union = {k: v for n in fixes for k, v in ablate.variant_overrides(cfg, n).items()}
     assert len(fixes) == 6  # [I] 1-6, one variant each
     assert ablate.variant_overrides(cfg, "before_all") == union and len(union) == 7
+
+
+def test_choice_variants_set_the_reference_values_back():
+    """The project's post-[I] choices, each reverted to the reference's value: CFG at every t (NVlabs/AnyFlow and
+    Wan2.1 sample so; the wan profiles keep it), the co-trained stage-1 term at weight 1 over the earlier 300 steps."""
+    cfg = build({})
+    assert cfg.model.guidance_min_t > 0 and cfg.stage2.stage1_weight != 1.0
+    assert ablate.variant_overrides(cfg, "guidance_everywhere") == {"model.guidance_min_t": 0.0}
+    assert ablate.variant_overrides(cfg, "stage2_300_steps_weight_1") == {"stage2.max_steps": 300,
+                                                                          "stage2.stage1_weight": 1.0}
+    assert ablate.VARIANTS["guidance_everywhere"][2] and not ablate.VARIANTS["stage2_300_steps_weight_1"][2]
+    from anyflow.profiles import PROFILES
+
+    for name in ("wan-1.3b", "wan-14b"):
+        wan = PROFILES[name]()
+        assert wan.model.guidance_min_t == 0.0 and wan.stage2.stage1_weight == 1.0, name
 
 
 def test_an_unknown_override_names_the_key():
@@ -49,7 +66,8 @@ def test_dmd_weight_scales_the_generators_dmd_term(monkeypatch, weight):
     rollout = st2.Rollout(model=None, simulate=lambda noise, text, n, k, trainable: noise)
     loss, parts = st2.generator_loss(None, cfg, batch, torch.zeros(1, 1, 1), torch.Generator().manual_seed(0),
                                      stage1_loss_fn=lambda: torch.tensor(2.0), rollout=rollout)
-    assert float(loss) == pytest.approx(3.0 * weight + 2.0) and parts["dmd"] == 3.0
+    # DMD × dmd_weight + the stage-1 term × stage2.stage1_weight (4 on the toy)
+    assert float(loss) == pytest.approx(3.0 * weight + cfg.stage2.stage1_weight * 2.0) and parts["dmd"] == 3.0
 
 
 def _entry(total_shift: float, shape: float) -> dict:

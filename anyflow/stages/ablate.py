@@ -9,8 +9,11 @@ held-out prompts and noises, NFE ``gate.nfes``) against the teacher rows of ``ar
 ``anyflow ablate --variant NAME`` writes ``artifacts/ablation/NAME.json`` (its training runs in
 ``artifacts/ablation_work/NAME``: every run trains afresh, a killed one resumes from stage 1's or stage 2's
 checkpoint); ``anyflow ablate --table`` joins them into ``metrics/ablation.json`` and
-``artifacts/ablation/table.md`` (README's table): per variant, stage and NFE, the gate Total (the gate's dead dimensions dropped), the paired latent distance to the teacher's 50×CFG sample
-and the latent Fréchet distance, with the teacher at N steps × CFG as the reference line.
+``artifacts/ablation/table.md`` (README's table): per variant, stage and NFE, the gate Total (the gate's dead
+dimensions dropped), the paired latent distance to the teacher's 50×CFG sample and the latent Fréchet distance, with
+the teacher at N steps × CFG as the reference line. :data:`CHOICES` are variants of the project's own measured
+choices made after issue [I] (the guidance interval, stage 2's length and stage-1 weight), each set back to the
+reference's or the earlier toy's value.
 
 FAR's far context ([I] 8) is not a variant here: before the fix FAR training refused a partition longer than its
 limit, so there is no "before" to train; README compares the FAR pipeline's runs with and without it.
@@ -50,6 +53,15 @@ VARIANTS: dict[str, tuple[str, dict, bool]] = {
 }
 VARIANTS["before_all"] = ("1-6 reverted together (the code before issue [I])",
                           {k: v for _, o, _ in VARIANTS.values() for k, v in o.items()}, True)
+# the project's own measured choices after issue [I] (not fixes of it, so not in before_all): each reverted to what the
+# reference / the earlier toy did
+CHOICES: dict[str, tuple[str, dict, bool]] = {
+    "guidance_everywhere": ("CFG at every t, as the reference (model.guidance_min_t 0; the toy's is 0.8)",
+                            {"model.guidance_min_t": 0.0}, True),
+    "stage2_300_steps_weight_1": ("stage 2 for 300 steps with the stage-1 term × 1 (the toy's: 150 steps, × 4)",
+                                  {"stage2.max_steps": 300, "stage2.stage1_weight": 1.0}, False),
+}
+VARIANTS.update(CHOICES)
 # the final code at other training seeds (stage 1 and stage 2): the spread a difference must exceed to mean anything
 SEEDS = (1, 2)
 for _seed in SEEDS:
