@@ -107,3 +107,22 @@ def test_table_joins_the_variants_with_one_dead_dimension_rule(tmp_path):
     (out / "final.json").unlink()
     with pytest.raises(FileNotFoundError, match="final"):
         ablate.table(cfg)
+
+
+def test_the_ablation_pipeline_loads_and_has_a_stage_per_variant():
+    """DVC loads every pipeline of the repository together (no output claimed by two stages) and
+    ablation/dvc.yaml runs each variant once, the table reading every variant's result."""
+    from pathlib import Path
+
+    import yaml
+    from dvc.repo import Repo
+
+    root = Path(__file__).resolve().parents[1]
+    assert len(Repo(str(root)).index.stages) > 0  # raises on a duplicated output or a broken dvc.yaml
+    stages = yaml.safe_load((root / "ablation" / "dvc.yaml").read_text())["stages"]
+    assert {k for k in stages if k.startswith("ablate_")} == {f"ablate_{n}" for n in ablate.VARIANTS}
+    for n in ablate.VARIANTS:
+        assert stages[f"ablate_{n}"]["outs"] == [f"artifacts/ablation/{n}.json"], n
+        assert f"--variant {n} " in stages[f"ablate_{n}"]["cmd"] + " ", n
+    assert sorted(stages["ablation_table"]["deps"][2:]) == sorted(f"artifacts/ablation/{n}.json"
+                                                                  for n in ablate.VARIANTS)
