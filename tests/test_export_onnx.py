@@ -1,6 +1,7 @@
 """``anyflow export`` on a tiny random teacher + LoRA: merge exactness, ONNX Runtime vs torch, atomic release."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -148,3 +149,21 @@ def test_streaming_vae_decoder_equals_diffusers_at_any_length(tiny_release, fram
     z = torch.randn((1, vae.config.z_dim, frames, 8, 8), generator=torch.Generator().manual_seed(frames))
     err = ox.decoder_parity(out.release / "onnx", vae, z)
     assert err.ref_scale > 0.1 and err.max_abs < 1e-5, err
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_onnxruntime_sessions_use_as_many_threads_as_the_cpus_the_process_may_run_on(tiny_release):
+    """A stage pinned to one core by ``anyflow repro`` (or a container's cpuset) gets a one-thread session: ORT's own
+    default counts the machine's cores, and two threads time-sliced on one pinned core only slow each other."""
+    from anyflow.export.onnx_export import session
+
+    _, _, out = tiny_release
+    onnx_file = out.release / "onnx" / "transformer.onnx"
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert session(onnx_file).get_session_options().intra_op_num_threads == 1
+        assert session(onnx_file, threads=3).get_session_options().intra_op_num_threads == 3  # asked: as asked
+    finally:
+        os.sched_setaffinity(0, before)
+    assert session(onnx_file).get_session_options().intra_op_num_threads == len(before)

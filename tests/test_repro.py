@@ -2,6 +2,7 @@
 after the stages it depends on ended, a failure skips exactly its downstream stages, and dvc.lock ends up as
 ``dvc repro`` leaves it (every successful stage up to date; a second run changes nothing)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,19 +76,95 @@ def test_parallel_stages_respect_the_graph_and_failures(project):
     assert "= a unchanged" in again.stdout and "= c unchanged" in again.stdout, again.stdout
 
 
-def test_exclusive_stages_run_alone(project):
-    """A benchmark (``meta: {exclusive: true}``) neither starts beside another stage nor lets one start beside it,
-    even with a free job and ready work on both sides."""
-    (project / "dvc.yaml").write_text(DVC_YAML.split("  bad:")[0] + """\
+CPUS = "grep Cpus_allowed_list /proc/$$/status | cut -f2 > {s}.cpus"  # the CPUs the stage's shell may run on
+BENCH = """\
   bench:
-    cmd: date +%s.%N > bench.start && sleep 2 && date +%s.%N > bench.txt
+    cmd: date +%s.%N > bench.start && {cpus} && sleep 2 && date +%s.%N > bench.txt
     outs: [bench.txt]
-    meta: {exclusive: true}
-""")
-    sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    meta: {{exclusive: true}}
+""".format(cpus=CPUS.format(s="bench"))
+
+
+def _cpus(root: Path, name: str) -> set[int]:
+    out = set()
+    for part in (root / f"{name}.cpus").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_exclusive_stages_run_alone_unpinned(project):
+    """Unpinned (``--no-pin``), a benchmark (``meta: {exclusive: true}``) neither starts beside another stage nor
+    lets one start beside it, even with a free job and ready work on both sides."""
+    (project / "dvc.yaml").write_text(DVC_YAML.split("  bad:")[0] + BENCH)
+    sh([str(BIN / "anyflow"), "repro", "--jobs", "2", "--no-pin"], project)
     for other in ("a", "b", "c"):  # every other stage ran entirely before the benchmark or after it
         start, end = t(project, f"{other}.start"), t(project, f"{other}.txt")
         assert end <= t(project, "bench.start") or start >= t(project, "bench.txt"), other
+
+
+PINNED = """\
+stages:
+  a:
+    cmd: date +%s.%N > a.start && {a} && sleep 3 && date +%s.%N > a.txt
+    outs: [a.txt]
+  b:
+    cmd: date +%s.%N > b.start && {b} && sleep 3 && date +%s.%N > b.txt
+    outs: [b.txt]
+  c:
+    cmd: date +%s.%N > c.start && {c} && sleep 1 && date +%s.%N > c.txt
+    deps: [a.txt, b.txt]
+    outs: [c.txt]
+  q:
+    cmd: date +%s.%N > q.start && {q} && sleep 4 && date +%s.%N > q.txt
+    deps: [a.txt]
+    outs: [q.txt]
+    meta: {{quiet: true}}
+  bench1:
+    cmd: date +%s.%N > bench1.start && {bench1} && sleep 2 && date +%s.%N > bench1.txt
+    outs: [bench1.txt]
+    meta: {{exclusive: true}}
+  bench2:
+    cmd: date +%s.%N > bench2.start && {bench2} && sleep 2 && date +%s.%N > bench2.txt
+    outs: [bench2.txt]
+    meta: {{exclusive: true}}
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux and at least 2 CPUs")
+def test_stages_are_pinned_and_benchmarks_run_beside_benchmarks_and_quiet_stages_only(project):
+    """Pinned (the default), every stage runs on the CPUs of its slots. The benchmarks, ready from the start, start
+    only after every other ready stage; never beside a stage that is neither a benchmark nor quiet (a, b, c), but
+    beside the quiet one and each other, on CPUs the stage beside them cannot use."""
+    names = ("a", "b", "c", "q", "bench1", "bench2")
+    (project / "dvc.yaml").write_text(PINNED.format(**{s: CPUS.format(s=s) for s in names}))
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    assert _overlap(project, "a", "b") and _cpus(project, "a").isdisjoint(_cpus(project, "b")), out.stdout
+    for bench in ("bench1", "bench2"):
+        for loud in ("a", "b", "c"):
+            assert not _overlap(project, bench, loud), (bench, loud, out.stdout)
+    pairs = [(x, y) for x, y in (("bench1", "q"), ("bench2", "q"), ("bench1", "bench2")) if _overlap(project, x, y)]
+    assert pairs, out.stdout  # the point of pinning: a benchmark shared the machine
+    for x, y in pairs:
+        assert _cpus(project, x).isdisjoint(_cpus(project, y)), (x, y, out.stdout)
+    for s in names:
+        assert len(_cpus(project, s)) == len(os.sched_getaffinity(0)) // 2, s
+
+
+def test_cpu_slots_split_the_cpus_evenly():
+    from anyflow.stages.repro import cpu_slots
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    slots = cpu_slots(1)
+    if not hasattr(os, "sched_setaffinity"):
+        assert slots is None
+        return
+    assert slots == [tuple(cpus)]
+    assert cpu_slots(len(cpus) + 1) is None  # fewer CPUs than slots: not pinned
+    two = cpu_slots(2) if len(cpus) >= 2 else None
+    if two:
+        assert set(two[0]).isdisjoint(two[1]) and len(two[0]) == len(two[1]) == len(cpus) // 2
 
 
 def test_one_job_runs_stages_one_at_a_time(project):
@@ -180,3 +257,37 @@ stages:
 """)
     out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
     assert t(project, "b_wide.txt") <= t(project, "a_narrow.start"), out.stdout
+
+
+def test_the_longest_chain_in_minutes_starts_first(project):
+    """``meta: {minutes: m}`` weighs a stage in the order: a 5-minute stage with nothing after it starts before a
+    chain of three 1-minute stages (without the hint, the longer chain of stages would start first)."""
+    (project / "dvc.yaml").write_text("""\
+stages:
+  long:
+    cmd: date +%s.%N > long.start && date +%s.%N > long.txt
+    outs: [long.txt]
+    meta: {minutes: 5}
+  s1:
+    cmd: date +%s.%N > s1.start && date +%s.%N > s1.txt
+    outs: [s1.txt]
+  s2:
+    cmd: date +%s.%N > s2.start && cat s1.txt > s2.txt
+    deps: [s1.txt]
+    outs: [s2.txt]
+  s3:
+    cmd: date +%s.%N > s3.start && cat s2.txt > s3.txt
+    deps: [s2.txt]
+    outs: [s3.txt]
+""")
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project)
+    assert t(project, "long.start") < t(project, "s1.start"), out.stdout
+    hinted = project / "dvc.yaml"
+    # the hint at its default, and new commands (so DVC re-runs them rather than restoring its run-cache)
+    hinted.write_text(hinted.read_text().replace("meta: {minutes: 5}", "meta: {minutes: 1}")
+                      .replace("cmd: date", "cmd: true && date"))
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project)
+    assert t(project, "s1.start") < t(project, "long.start"), out.stdout
+    hinted.write_text(hinted.read_text().replace("meta: {minutes: 1}", "meta: {minutes: 0}"))
+    out = sh([str(BIN / "anyflow"), "repro", "--dry"], project, check=False)
+    assert out.returncode != 0 and "stage 'long': meta.minutes must be a number > 0" in out.stdout + out.stderr

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,11 +271,15 @@ def check_onnx(path: Path) -> None:
 
 
 def session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
-    """An ONNX Runtime session (``threads`` = 0: ORT's default)."""
+    """An ONNX Runtime session on ``threads`` intra-op threads; 0: as many as the CPUs this process may run on
+    (``os.sched_getaffinity``: a stage pinned by ``anyflow repro``, a container's cpuset), ORT's default where that
+    is unknown. Two threads time-sliced on one pinned core only slow each other."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not threads and hasattr(os, "sched_getaffinity"):
+        threads = len(os.sched_getaffinity(0))
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -10,14 +10,24 @@ its repository lock while it reads and writes ``dvc.lock`` and releases it while
 (``dvc.stage.run.unlocked_repo``), so concurrent single-stage runs are the concurrency DVC supports; ``dvc.lock``
 ends exactly as after ``dvc repro`` (tests/test_repro.py).
 
-Order: among the stages whose dependencies are done, the one with the longest chain of stages after it starts
-first (stage 1 before the consistency baseline: stage 2, the gate and export wait on it), on a tie the wider one
+Order: among the stages whose dependencies are done, the one with the longest chain after it starts first, a
+chain's length being the sum of its stages' ``meta: {minutes: m}`` (a rough duration on the CI machine; 1 where not
+given, so without hints the longest chain of stages): stage 1 and the consistency baseline before fvd_net, though
+fvd_net has more stages after it. On a tie the wider one
 (a 2-thread stage can only start on two free slots: a 1-thread stage started first would make it wait). A stage with
 ``meta: {threads: n}`` in dvc.yaml (its ``threads`` param: the torch intra-op threads it runs on) takes n of the
 ``--jobs`` slots, so a 2-thread stage runs alone on 2 cores (side by side with another busy process it ran up to 5x
 slower); a stage that needs more slots than are free waits, and a lower-priority one that fits starts meanwhile.
-A stage whose ``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their timings are the measurement)
-runs alone: only when nothing else runs and no other stage can start, and nothing starts beside it. A failing stage skips
+Each stage is pinned to CPUs of its own (Linux ``sched_setaffinity``; the runner's CPUs split evenly over the
+``--jobs`` slots, one core per slot on the 2-core CI machine; ``--no-pin`` turns it off, and so does a machine
+with fewer CPUs than slots). A stage whose ``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their
+timings are the measurement) starts only after every other ready stage, on a slot nobody else's threads can reach;
+beside it run only other benchmarks and stages marked ``meta: {quiet: true}`` (export: single-threaded ONNX
+tracing), each on its own cores. Measured on the CI machine (README "Benchmarks"): the simulation benchmark's
+timings beside another benchmark or the export on the other core stayed within their run-to-run spread alone; beside
+stage-1 training its consistency rollout at N = 16 ran ~13 % slower, so training never runs beside a benchmark.
+Unpinned, an exclusive stage runs alone: only when nothing else runs and no other stage can start, and nothing
+starts beside it. A failing stage skips
 every stage downstream of it and lets the others finish (``dvc repro --keep-going``); the exit status is 1 then.
 One runner per workspace: DVC's per-file locks make a second runner's (or a plain ``dvc repro``'s) stage fail with
 "... is busy"; give every target to one call. Each stage's output goes to ``<logs>/<stage>.log`` (default
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -47,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-j", "--jobs", type=int, default=2, help="stages at a time (default 2: the CI machine's cores)")
     p.add_argument("--logs", default=".dvc/tmp/repro", help="directory of the per-stage logs")
     p.add_argument("--dry", action="store_true", help="print the stages and what each waits for; run nothing")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin stages to CPUs of their own (benchmarks then run alone)")
 
 
 @dataclass
@@ -55,8 +68,10 @@ class Plan:
 
     deps: dict[str, set[str]]
     exclusive: set[str] = field(default_factory=set)
-    priority: dict[str, int] = field(default_factory=dict)
+    priority: dict[str, float] = field(default_factory=dict)
     threads: dict[str, int] = field(default_factory=dict)  # slots a stage takes (dvc.yaml meta.threads; default 1)
+    quiet: set[str] = field(default_factory=set)  # may run beside a benchmark when pinned (dvc.yaml meta.quiet)
+    minutes: dict[str, float] = field(default_factory=dict)  # rough durations (dvc.yaml meta.minutes; default 1)
 
     def __post_init__(self):
         after: dict[str, set[str]] = {s: set() for s in self.deps}
@@ -65,9 +80,9 @@ class Plan:
                 after[d].add(s)
         memo: dict[str, int] = {}
 
-        def depth(s: str) -> int:  # the longest chain of stages that wait on s
+        def depth(s: str) -> float:  # the longest chain (in minutes) from s through the stages that wait on it
             if s not in memo:
-                memo[s] = 1 + max((depth(a) for a in after[s]), default=0)
+                memo[s] = self.minutes.get(s, 1) + max((depth(a) for a in after[s]), default=0)
             return memo[s]
 
         self.priority = {s: depth(s) for s in self.deps}
@@ -93,14 +108,19 @@ def plan(root: Path, targets: list[str]) -> Plan:
             stages.update(repo.stage.collect(t, with_deps=True))
         graph = repo.index.graph  # edges: stage → a stage whose outputs it depends on
         meta = {s.addressing: getattr(s, "meta", None) or {} for s in stages}
-        threads = {}
+        threads, minutes = {}, {}
         for s, m in meta.items():
             n = m.get("threads", 1)
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"dvc.yaml: stage {s!r}: meta.threads must be an integer >= 1, got {n!r}")
             threads[s] = n
+            t = m.get("minutes", 1)
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+                raise ValueError(f"dvc.yaml: stage {s!r}: meta.minutes must be a number > 0, got {t!r}")
+            minutes[s] = float(t)
         return Plan({s.addressing: {d.addressing for d in graph.successors(s) if d in stages} for s in stages},
-                    {s for s, m in meta.items() if m.get("exclusive")}, threads=threads)
+                    {s for s, m in meta.items() if m.get("exclusive")}, threads=threads,
+                    quiet={s for s, m in meta.items() if m.get("quiet")}, minutes=minutes)
 
 
 def _fmt(seconds: float) -> str:
@@ -112,11 +132,39 @@ def _log_name(stage: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stage) + ".log"
 
 
-def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, echo=print) -> dict:
-    """Run the plan; returns ``{stage: {"status": ok|unchanged|failed|skipped, "seconds", "exit"}}``."""
+def cpu_slots(jobs: int) -> Optional[list[tuple[int, ...]]]:
+    """The CPUs each of ``jobs`` slots owns: the runner's CPUs (``os.sched_getaffinity``) split evenly, in order,
+    ``len(cpus) // jobs`` each; None where stages cannot be pinned (no ``sched_setaffinity``: not Linux) or there
+    are fewer CPUs than slots."""
+    if not hasattr(os, "sched_getaffinity") or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    k = len(cpus) // jobs
+    if k < 1:
+        return None
+    return [tuple(cpus[i * k:(i + 1) * k]) for i in range(jobs)]
+
+
+def _pin(cpus: tuple[int, ...]):
+    return lambda: os.sched_setaffinity(0, cpus)  # in the child, before exec: dvc and the stage inherit it
+
+
+def _may_join(p: Plan, stage: str, running) -> bool:
+    """Pinned: a benchmark starts only beside benchmarks and quiet stages; beside a running benchmark only those."""
+    mild = lambda s: s in p.exclusive or s in p.quiet  # noqa: E731
+    if stage in p.exclusive:
+        return all(mild(r) for r in running)
+    return mild(stage) or not any(r in p.exclusive for r in running)
+
+
+def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, echo=print,
+        pin: bool = True) -> dict:
+    """Run the plan; returns ``{stage: {"status": ok|unchanged|failed|skipped, "seconds", "exit", "cpus"}}``."""
     dvc = dvc or shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     logs.mkdir(parents=True, exist_ok=True)
     pending, running, result = set(p.deps), {}, {}
+    slots = cpu_slots(jobs) if pin else None
+    free = list(range(jobs))  # slot indices not taken by a running stage
     t_start = time.perf_counter()
     try:
         while pending or running:
@@ -133,8 +181,10 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
             ready = sorted((s for s in pending if all(result.get(d, {}).get("status") in ("ok", "unchanged")
                                                       for d in p.deps[s])),
                            key=lambda s: (-p.priority[s], -p.threads.get(s, 1), s))
-            if any(r in p.exclusive for r in running):
-                ready = []  # an exclusive stage runs alone
+            if slots is not None:  # pinned: benchmarks after every other ready stage (and see _may_join)
+                ready.sort(key=lambda s: s in p.exclusive)
+            elif any(r in p.exclusive for r in running):
+                ready = []  # unpinned, an exclusive stage runs alone
             elif [s for s in ready if s not in p.exclusive]:
                 ready = [s for s in ready if s not in p.exclusive]
             elif running:
@@ -146,20 +196,27 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                 need = p.threads.get(s, 1)
                 if running and used + need > jobs:  # no room: a stage wider than --jobs starts only alone
                     continue
+                if slots is not None and not _may_join(p, s, running):
+                    continue
                 used += need
                 pending.discard(s)
+                taken, free = free[:need], free[need:]  # a stage wider than --jobs (started alone) takes them all
+                cpus = tuple(c for i in taken for c in slots[i]) if slots is not None else None
                 log = logs / _log_name(s)
                 fh = open(log, "w")
                 proc = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", s], cwd=root,
-                                        stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                running[s] = (proc, time.perf_counter(), fh, log)
-                echo(f"[{_fmt(time.perf_counter() - t_start):>7}] ▶ {s}  (log: {log})")
+                                        stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_pin(cpus) if cpus else None)
+                running[s] = (proc, time.perf_counter(), fh, log, taken, cpus)
+                where = f"cpu {','.join(map(str, cpus))}; " if cpus else ""
+                echo(f"[{_fmt(time.perf_counter() - t_start):>7}] ▶ {s}  ({where}log: {log})")
             finished = [s for s, (proc, *_rest) in running.items() if proc.poll() is not None]
             if not finished:
                 time.sleep(0.2)
                 continue
             for s in finished:
-                proc, t0, fh, log = running.pop(s)
+                proc, t0, fh, log, taken, cpus = running.pop(s)
+                free = sorted(free + taken)
                 fh.close()
                 seconds = time.perf_counter() - t0
                 text = log.read_text(errors="replace")
@@ -169,16 +226,17 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                     status = "unchanged"
                 else:
                     status = "ok"
-                result[s] = {"status": status, "seconds": seconds, "exit": proc.returncode}
+                result[s] = {"status": status, "seconds": seconds, "exit": proc.returncode,
+                             "cpus": list(cpus) if cpus else None}
                 mark = {"ok": "✓", "unchanged": "=", "failed": "✗"}[status]
                 echo(f"[{_fmt(time.perf_counter() - t_start):>7}] {mark} {s} {status} in {_fmt(seconds)}")
                 if status == "failed":
                     tail = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()][-15:]
                     echo("\n".join(f"      | {ln}" for ln in tail))
     except KeyboardInterrupt:
-        for s, (proc, _, fh, _) in running.items():
+        for s, (proc, *_rest) in running.items():
             proc.terminate()
-        for s, (proc, _, fh, _) in running.items():
+        for s, (proc, _, fh, *_rest) in running.items():
             proc.wait()
             fh.close()
         raise
@@ -206,7 +264,7 @@ def main(cfg, args) -> int:
             print(f"{s}: after {', '.join(sorted(p.deps[s])) or 'nothing'}")
         return 0
     logs = Path(args.logs)
-    result = run(root, p, args.jobs, logs)
+    result = run(root, p, args.jobs, logs, pin=not args.no_pin)
     text = summary(result, args.jobs)
     print(text)
     (logs / "summary.json").write_text(json.dumps({"jobs": args.jobs, "stages": result}, indent=2, sort_keys=True))
