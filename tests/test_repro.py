@@ -291,3 +291,46 @@ stages:
     hinted.write_text(hinted.read_text().replace("meta: {minutes: 1}", "meta: {minutes: 0}"))
     out = sh([str(BIN / "anyflow"), "repro", "--dry"], project, check=False)
     assert out.returncode != 0 and "stage 'long': meta.minutes must be a number > 0" in out.stdout + out.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, ended but not yet reaped by whoever adopted it, counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_interrupting_the_runner_stops_the_stage_commands_too(project):
+    """Ctrl-C (SIGINT) on ``anyflow repro`` ends the running stages' commands, not only their ``dvc`` processes: a
+    command left running would hold its core (and its outputs) after the runner exited."""
+    import signal
+    import time
+
+    (project / "dvc.yaml").write_text("""\
+stages:
+  slow:
+    cmd: sleep 120 & echo $! > child.pid; wait
+    outs: [never.txt]
+""")
+    runner = subprocess.Popen([str(BIN / "anyflow"), "repro", "--jobs", "1"], cwd=project, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    pid_file = project / "child.pid"
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    os.kill(child, 0)  # running
+    runner.send_signal(signal.SIGINT)
+    runner.wait(timeout=60)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if not _alive(child):
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the stage's command (pid {child}) outlived the runner")

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -145,6 +146,18 @@ def cpu_slots(jobs: int) -> Optional[list[tuple[int, ...]]]:
     return [tuple(cpus[i * k:(i + 1) * k]) for i in range(jobs)]
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal a stage's whole process group — dvc and the command it runs (terminating dvc alone left the stage's
+    command running, holding its core) — or the process alone where there are no groups."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
 def _pin(cpus: tuple[int, ...]):
     return lambda: os.sched_setaffinity(0, cpus)  # in the child, before exec: dvc and the stage inherit it
 
@@ -206,7 +219,8 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                 fh = open(log, "w")
                 proc = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", s], cwd=root,
                                         stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        preexec_fn=_pin(cpus) if cpus else None)
+                                        preexec_fn=_pin(cpus) if cpus else None,
+                                        start_new_session=hasattr(os, "killpg"))  # its own group: see _signal_group
                 running[s] = (proc, time.perf_counter(), fh, log, taken, cpus)
                 where = f"cpu {','.join(map(str, cpus))}; " if cpus else ""
                 echo(f"[{_fmt(time.perf_counter() - t_start):>7}] ▶ {s}  ({where}log: {log})")
@@ -233,11 +247,15 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                 if status == "failed":
                     tail = [ln for ln in re.split(r"[\r\n]", text) if ln.strip()][-15:]
                     echo("\n".join(f"      | {ln}" for ln in tail))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # stop every running stage, command included (dvc does not pass SIGTERM on to it)
         for s, (proc, *_rest) in running.items():
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         for s, (proc, _, fh, *_rest) in running.items():
-            proc.wait()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
             fh.close()
         raise
     result["_wall_seconds"] = time.perf_counter() - t_start
