@@ -131,7 +131,14 @@ def test_fvd_net_stage(tmp_path):
                  "fvd": {"train_clips": 128, "heldout_clips": 32, "steps": 30, "batch_size": 16, "width": 8,
                          "feature_dim": 32, "sanity_clips": 64, "noise_stds": [16.0, 48.0]},
                  "gate": {"num_prompts": 4, "seeds_per_prompt": 4}})
-    report = fvd_net.run(cfg)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = fvd_net.run(cfg)
+    finally:
+        torch.set_num_threads(before)
     out = tmp_path / "root" / "fvd_net"
     assert (out / T.MODEL_FILE).is_file() and (out / "report.json").is_file()
     metrics = __import__("json").loads((tmp_path / "metrics" / "fvd_net.json").read_text())
@@ -139,8 +146,14 @@ def test_fvd_net_stage(tmp_path):
     assert metrics["sanity"]["floor_at_gate_size"]["num_samples"] == 16
     assert report["sanity"]["passed"], report["sanity"]
     first = (out / "report.json").read_bytes()
-    fvd_net.run(cfg)
-    assert (out / "report.json").read_bytes() == first
+    # the same bytes whatever the process's thread count (it trains on one intra-op thread, and leaves the count)
+    torch.set_num_threads(2)
+    try:
+        fvd_net.run(cfg)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert (out / "report.json").read_bytes() == first and report["torch_threads"] == 1
     net = T.load_fvd_net(out)
     assert net.config["feature_dim"] == 32
 

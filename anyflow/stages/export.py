@@ -184,11 +184,20 @@ def gate_verdict(candidates: list[Path], adapter_path: Path) -> dict:
 
 def run(cfg: Config, adapter: str = "auto", teacher: Optional[str] = None, out: Optional[str] = None,
         gate: Optional[str] = None) -> ExportOutputs:
-    """The whole stage (see the module docstring); gradients off inside, global torch state untouched."""
+    """The whole stage (see the module docstring); gradients off inside, global torch state untouched. On CPU one
+    intra-op thread, as every one-slot stage (the count is part of the merged weights' and parity numbers' bits,
+    :func:`anyflow.stages.common.use_threads`; left at torch's default it followed the CPUs the process could use)."""
     import torch
 
-    with torch.no_grad():
-        return _run(cfg, adapter, teacher, out, gate)
+    from anyflow.stages.common import use_threads
+
+    before = use_threads(1) if not torch.cuda.is_available() else None
+    try:
+        with torch.no_grad():
+            return _run(cfg, adapter, teacher, out, gate)
+    finally:
+        if before is not None:
+            torch.set_num_threads(before)
 
 
 def _run(cfg: Config, adapter: str, teacher: Optional[str], out: Optional[str],

@@ -28,7 +28,7 @@ import logging
 import time
 
 from anyflow.config import Config
-from anyflow.stages.common import StagePaths
+from anyflow.stages.common import StagePaths, use_threads
 from anyflow.utils.io import atomic_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,24 @@ def run(cfg: Config, log_every: int = 25) -> dict:
     """Train, check, write every output; returns the report (``report["sanity"]["passed"]``)."""
     import torch
 
-    from anyflow.eval import toy_fvd as T
-
     paths = StagePaths.of(cfg)
     if cfg.model.source != "toy":
         return not_applicable(cfg, paths)
+    # one intra-op thread, as every one-slot stage: the count is part of the weights' bits (use_threads); left at
+    # torch's default it followed the CPUs the process could use (2 unpinned, 1 pinned by anyflow repro)
+    before = use_threads(1) if not torch.cuda.is_available() else None
+    try:
+        return _train(cfg, paths, log_every)
+    finally:
+        if before is not None:
+            torch.set_num_threads(before)
+
+
+def _train(cfg: Config, paths: StagePaths, log_every: int) -> dict:
+    import torch
+
+    from anyflow.eval import toy_fvd as T
+
     t_start = time.perf_counter()
     f, v = cfg.fvd, cfg.video
     seconds = {}
