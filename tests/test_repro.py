@@ -39,16 +39,55 @@ stages:
 """
 
 
-def sh(args, cwd, check=True):
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=check)
+# DVC_YAML's a, b and c with shorter sleeps, for the tests that run the stages through FAKE_DVC (no dvc start-up
+# jitter to outlast)
+FAST_YAML = DVC_YAML.split("  bad:")[0].replace("sleep 3", "sleep 1.5")
+
+
+def sh(args, cwd, check=True, env=None):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=check, env=env)
+
+
+FAKE_DVC = '''#!{python}
+"""Stands in for ``dvc`` in the scheduling tests: ``dvc --wait-for-lock repro --single-item <stage>`` runs the
+stage's cmd from dvc.yaml in a shell, as dvc would, without dvc's own start-up and bookkeeping (2-3 s a stage on the
+CI machine, most of these tests' time). The plan still comes from DVC's own graph."""
+import subprocess, sys, yaml
+stage = sys.argv[-1]
+cmd = yaml.safe_load(open("dvc.yaml"))["stages"][stage]["cmd"]
+print(f"Running stage '{{stage}}':", flush=True)
+sys.exit(subprocess.call(cmd, shell=True))
+'''
+
+
+@pytest.fixture(scope="module")
+def _initialised(tmp_path_factory):
+    root = tmp_path_factory.mktemp("initialised")
+    sh(["git", "init", "-q"], root)
+    sh([str(BIN / "dvc"), "init", "-q"], root)
+    return root
 
 
 @pytest.fixture
-def project(tmp_path):
-    sh(["git", "init", "-q"], tmp_path)
-    sh([str(BIN / "dvc"), "init", "-q"], tmp_path)
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
-    return tmp_path
+def project(tmp_path, _initialised):
+    """A git + DVC repository with DVC_YAML (one ``dvc init`` per module, copied: 2 s a test on the CI machine)."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(_initialised, root, symlinks=True)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    return root
+
+
+@pytest.fixture
+def fake_dvc(tmp_path_factory):
+    """The environment for ``anyflow repro`` with :data:`FAKE_DVC` first on PATH: for the tests of the runner's
+    scheduling (order, slots, pinning); the real DVC runs the stages in the tests of what DVC records."""
+    bindir = tmp_path_factory.mktemp("fake_dvc")
+    exe = bindir / "dvc"
+    exe.write_text(FAKE_DVC.format(python=sys.executable))
+    exe.chmod(0o755)
+    return dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def t(root: Path, name: str) -> float:
@@ -79,7 +118,7 @@ def test_parallel_stages_respect_the_graph_and_failures(project):
 CPUS = "grep Cpus_allowed_list /proc/$$/status | cut -f2 > {s}.cpus"  # the CPUs the stage's shell may run on
 BENCH = """\
   bench:
-    cmd: date +%s.%N > bench.start && {cpus} && sleep 2 && date +%s.%N > bench.txt
+    cmd: date +%s.%N > bench.start && {cpus} && sleep 1 && date +%s.%N > bench.txt
     outs: [bench.txt]
     meta: {{exclusive: true}}
 """.format(cpus=CPUS.format(s="bench"))
@@ -93,11 +132,11 @@ def _cpus(root: Path, name: str) -> set[int]:
     return out
 
 
-def test_exclusive_stages_run_alone_unpinned(project):
+def test_exclusive_stages_run_alone_unpinned(project, fake_dvc):
     """Unpinned (``--no-pin``), a benchmark (``meta: {exclusive: true}``) neither starts beside another stage nor
     lets one start beside it, even with a free job and ready work on both sides."""
-    (project / "dvc.yaml").write_text(DVC_YAML.split("  bad:")[0] + BENCH)
-    sh([str(BIN / "anyflow"), "repro", "--jobs", "2", "--no-pin"], project)
+    (project / "dvc.yaml").write_text(FAST_YAML + BENCH)
+    sh([str(BIN / "anyflow"), "repro", "--jobs", "2", "--no-pin"], project, env=fake_dvc)
     for other in ("a", "b", "c"):  # every other stage ran entirely before the benchmark or after it
         start, end = t(project, f"{other}.start"), t(project, f"{other}.txt")
         assert end <= t(project, "bench.start") or start >= t(project, "bench.txt"), other
@@ -106,26 +145,26 @@ def test_exclusive_stages_run_alone_unpinned(project):
 PINNED = """\
 stages:
   a:
-    cmd: date +%s.%N > a.start && {a} && sleep 3 && date +%s.%N > a.txt
+    cmd: date +%s.%N > a.start && {a} && sleep 1.5 && date +%s.%N > a.txt
     outs: [a.txt]
   b:
-    cmd: date +%s.%N > b.start && {b} && sleep 3 && date +%s.%N > b.txt
+    cmd: date +%s.%N > b.start && {b} && sleep 1.5 && date +%s.%N > b.txt
     outs: [b.txt]
   c:
-    cmd: date +%s.%N > c.start && {c} && sleep 1 && date +%s.%N > c.txt
+    cmd: date +%s.%N > c.start && {c} && sleep 0.5 && date +%s.%N > c.txt
     deps: [a.txt, b.txt]
     outs: [c.txt]
   q:
-    cmd: date +%s.%N > q.start && {q} && sleep 4 && date +%s.%N > q.txt
+    cmd: date +%s.%N > q.start && {q} && sleep 2 && date +%s.%N > q.txt
     deps: [a.txt]
     outs: [q.txt]
     meta: {{quiet: true}}
   bench1:
-    cmd: date +%s.%N > bench1.start && {bench1} && sleep 2 && date +%s.%N > bench1.txt
+    cmd: date +%s.%N > bench1.start && {bench1} && sleep 1 && date +%s.%N > bench1.txt
     outs: [bench1.txt]
     meta: {{exclusive: true}}
   bench2:
-    cmd: date +%s.%N > bench2.start && {bench2} && sleep 2 && date +%s.%N > bench2.txt
+    cmd: date +%s.%N > bench2.start && {bench2} && sleep 1 && date +%s.%N > bench2.txt
     outs: [bench2.txt]
     meta: {{exclusive: true}}
 """
@@ -133,13 +172,13 @@ stages:
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="pinning needs Linux and at least 2 CPUs")
-def test_stages_are_pinned_and_benchmarks_run_beside_benchmarks_and_quiet_stages_only(project):
+def test_stages_are_pinned_and_benchmarks_run_beside_benchmarks_and_quiet_stages_only(project, fake_dvc):
     """Pinned (the default), every stage runs on the CPUs of its slots. The benchmarks, ready from the start, start
     only after every other ready stage; never beside a stage that is neither a benchmark nor quiet (a, b, c), but
     beside the quiet one and each other, on CPUs the stage beside them cannot use."""
     names = ("a", "b", "c", "q", "bench1", "bench2")
     (project / "dvc.yaml").write_text(PINNED.format(**{s: CPUS.format(s=s) for s in names}))
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project, env=fake_dvc)
     assert _overlap(project, "a", "b") and _cpus(project, "a").isdisjoint(_cpus(project, "b")), out.stdout
     for bench in ("bench1", "bench2"):
         for loud in ("a", "b", "c"):
@@ -167,9 +206,9 @@ def test_cpu_slots_split_the_cpus_evenly():
         assert set(two[0]).isdisjoint(two[1]) and len(two[0]) == len(two[1]) == len(cpus) // 2
 
 
-def test_one_job_runs_stages_one_at_a_time(project):
-    (project / "dvc.yaml").write_text(DVC_YAML.split("  bad:")[0])
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project)
+def test_one_job_runs_stages_one_at_a_time(project, fake_dvc):
+    (project / "dvc.yaml").write_text(FAST_YAML)
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project, env=fake_dvc)
     first, second = sorted(["a", "b"], key=lambda s: t(project, f"{s}.start"))
     assert t(project, f"{second}.start") >= t(project, f"{first}.txt"), out.stdout
 
@@ -184,7 +223,7 @@ def _overlap(root: Path, x: str, y: str) -> bool:
     return t(root, f"{x}.start") < t(root, f"{y}.txt") and t(root, f"{y}.start") < t(root, f"{x}.txt")
 
 
-def test_a_stage_takes_as_many_slots_as_its_threads(project):
+def test_a_stage_takes_as_many_slots_as_its_threads(project, fake_dvc, monkeypatch):
     """``meta: {threads: 2}`` (a 2-thread stage) takes both of 2 slots: nothing runs beside it, though a 1-thread
     stage is ready the whole time; two 1-thread stages still share the slots, and one that fits starts while a wider
     one waits for room (w waits on a, b runs beside a)."""
@@ -211,15 +250,18 @@ stages:
     deps: [a.txt, w.txt]
     outs: [z.txt]
 """)
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project, env=fake_dvc)
     for one in ("a", "b"):
         assert not _overlap(project, "wide", one), out.stdout
     assert not _overlap(project, "w", "a") and not _overlap(project, "w", "b"), out.stdout
     assert t(project, "wide.start") < t(project, "b.start")  # the longer chain first, b after it
+    from anyflow.stages.repro import plan
+
     bad = project / "dvc.yaml"
     bad.write_text(bad.read_text().replace("meta: {threads: 2}", "meta: {threads: 0}", 1))
-    out = sh([str(BIN / "anyflow"), "repro", "--dry"], project, check=False)
-    assert out.returncode != 0 and "stage 'wide': meta.threads must be an integer >= 1" in out.stdout + out.stderr
+    monkeypatch.chdir(project)
+    with pytest.raises(ValueError, match="stage 'wide': meta.threads must be an integer >= 1"):
+        plan(project, ["dvc.yaml"])
 
 
 def test_meta_threads_match_the_stages_threads_params():
@@ -242,7 +284,7 @@ def test_meta_threads_match_the_stages_threads_params():
     assert seen == set(section)
 
 
-def test_on_a_tie_the_wider_stage_starts_first(project):
+def test_on_a_tie_the_wider_stage_starts_first(project, fake_dvc):
     """Equal chains after them: the 2-thread stage starts before the 1-thread one (alphabetically first), which
     would otherwise take a slot and make the wide stage wait for it (the toy's synthesize and fvd_net)."""
     (project / "dvc.yaml").write_text("""\
@@ -255,42 +297,46 @@ stages:
     outs: [b_wide.txt]
     meta: {threads: 2}
 """)
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project)
+    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "2"], project, env=fake_dvc)
     assert t(project, "b_wide.txt") <= t(project, "a_narrow.start"), out.stdout
 
 
-def test_the_longest_chain_in_minutes_starts_first(project):
-    """``meta: {minutes: m}`` weighs a stage in the order: a 5-minute stage with nothing after it starts before a
-    chain of three 1-minute stages (without the hint, the longer chain of stages would start first)."""
+def test_the_longest_chain_in_minutes_starts_first(project, monkeypatch):
+    """``meta: {minutes: m}`` weighs a stage in the order: a 5-minute stage with nothing after it before a chain of three 1-minute stages; without the
+    hint the longer chain of stages first."""
     (project / "dvc.yaml").write_text("""\
 stages:
   long:
-    cmd: date +%s.%N > long.start && date +%s.%N > long.txt
+    cmd: date +%s.%N > long.txt
     outs: [long.txt]
     meta: {minutes: 5}
   s1:
-    cmd: date +%s.%N > s1.start && date +%s.%N > s1.txt
+    cmd: date +%s.%N > s1.txt
     outs: [s1.txt]
   s2:
-    cmd: date +%s.%N > s2.start && cat s1.txt > s2.txt
+    cmd: cat s1.txt > s2.txt
     deps: [s1.txt]
     outs: [s2.txt]
   s3:
-    cmd: date +%s.%N > s3.start && cat s2.txt > s3.txt
+    cmd: cat s2.txt > s3.txt
     deps: [s2.txt]
     outs: [s3.txt]
 """)
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project)
-    assert t(project, "long.start") < t(project, "s1.start"), out.stdout
+    from anyflow.stages.repro import plan
+
+    monkeypatch.chdir(project)  # DVC resolves the targets from the working directory, as the CLI does
+
+    def first() -> str:  # the stage that starts first when all are ready (the runner's and --dry's order)
+        p = plan(project, ["dvc.yaml"])
+        return min(p.deps, key=lambda s: (-p.priority[s], -p.threads.get(s, 1), s))
+
+    assert first() == "long"
     hinted = project / "dvc.yaml"
-    # the hint at its default, and new commands (so DVC re-runs them rather than restoring its run-cache)
-    hinted.write_text(hinted.read_text().replace("meta: {minutes: 5}", "meta: {minutes: 1}")
-                      .replace("cmd: date", "cmd: true && date"))
-    out = sh([str(BIN / "anyflow"), "repro", "--jobs", "1"], project)
-    assert t(project, "s1.start") < t(project, "long.start"), out.stdout
+    hinted.write_text(hinted.read_text().replace("meta: {minutes: 5}", "meta: {minutes: 1}"))
+    assert first() == "s1"
     hinted.write_text(hinted.read_text().replace("meta: {minutes: 1}", "meta: {minutes: 0}"))
-    out = sh([str(BIN / "anyflow"), "repro", "--dry"], project, check=False)
-    assert out.returncode != 0 and "stage 'long': meta.minutes must be a number > 0" in out.stdout + out.stderr
+    with pytest.raises(ValueError, match="stage 'long': meta.minutes must be a number > 0"):
+        first()
 
 
 def _alive(pid: int) -> bool:

@@ -23,9 +23,9 @@ Each stage is pinned to CPUs of its own (Linux ``sched_setaffinity``; the runner
 with fewer CPUs than slots). A stage whose ``meta: {exclusive: true}`` is set in dvc.yaml (the benchmarks: their
 timings are the measurement) starts only after every other ready stage, on a slot nobody else's threads can reach;
 beside it run only other benchmarks and stages marked ``meta: {quiet: true}`` (export: single-threaded ONNX
-tracing), each on its own cores. Measured on the CI machine (README "Benchmarks"): the simulation benchmark's
-timings beside another benchmark or the export on the other core stayed within their run-to-run spread alone; beside
-stage-1 training its consistency rollout at N = 16 ran ~13 % slower, so training never runs beside a benchmark.
+tracing), each on its own cores. Measured on the CI machine (README "Measured on the toy profile"): the simulation
+benchmark's timings beside another benchmark or the export on the other core stayed within their run-to-run spread
+alone; beside stage-1 training its consistency rollout ran 10-15 % slower, so training never runs beside a benchmark.
 Unpinned, an exclusive stage runs alone: only when nothing else runs and no other stage can start, and nothing
 starts beside it. A failing stage skips
 every stage downstream of it and lets the others finish (``dvc repro --keep-going``); the exit status is 1 then.
@@ -79,7 +79,7 @@ class Plan:
         for s, ds in self.deps.items():
             for d in ds:
                 after[d].add(s)
-        memo: dict[str, int] = {}
+        memo: dict[str, float] = {}
 
         def depth(s: str) -> float:  # the longest chain (in minutes) from s through the stages that wait on it
             if s not in memo:
