@@ -48,7 +48,7 @@ wan-smoke: install
 
 # Issue [I]'s per-change ablation (ablation/dvc.yaml, README "Ablation"): each fix of the training math reverted on its
 # own and all together, trained and scored by the gate's function against the root pipeline's teacher rows; brings
-# the root stages it reads up to date first. ~25 min on 2 cores after `make demo`.
+# the root stages it reads up to date first. ~45 min on 2 cores after `make demo` (12 variants).
 ablation: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/anyflow repro --jobs $(JOBS) ablation/dvc.yaml
 	@cat artifacts/ablation/table.md
