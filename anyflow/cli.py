@@ -2,7 +2,9 @@
 
 Each command lives in ``anyflow/stages/<module>.py`` and exposes ``add_arguments(parser)`` (optional) and
 ``main(cfg, args) -> int``. The config is loaded here, once, at the edge: ``--params`` file, ``--profile`` and
-``--set key=value`` overrides. Stage modules import torch lazily so ``anyflow --help`` stays fast.
+``--set key=value`` overrides. Only the chosen command's module is imported (its options are added to the parser
+then), so a stage does not pay for the imports of every other one (torch, diffusers, onnx, dvc, ...) and
+``anyflow --help`` imports none of them.
 """
 
 from __future__ import annotations
@@ -49,16 +51,33 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anyflow", description=__doc__.splitlines()[0])
+def _global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set stage1.max_steps=10 (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (after the global options), or None."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _global_options(pre)
+    pre.add_argument("command", nargs="?")
+    known, _ = pre.parse_known_args(argv)
+    return known.command if known.command in COMMANDS else None
+
+
+def build_parser(only: str | None | bool = True) -> argparse.ArgumentParser:
+    """Every command's subparser; the options of ``only`` (a command name), of every command (True), or of none
+    (None: what ``anyflow --help`` and an unknown command need)."""
+    parser = argparse.ArgumentParser(prog="anyflow", description=__doc__.splitlines()[0])
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if only is not True and name != only:
+            continue
         try:
             mod = importlib.import_module(f"anyflow.stages.{module}")
         except ModuleNotFoundError as err:
@@ -74,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from anyflow.config import ConfigError, build, load, nest
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=command_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

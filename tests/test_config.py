@@ -85,3 +85,32 @@ def test_cli_rejects_bad_params_with_exit_2(tmp_path, capsys):
 def test_local_source_requires_a_directory():
     with pytest.raises(C.ConfigError, match="model.pretrained_dir"):
         C.build({"model": {"source": "local", "pretrained_dir": None}})
+
+
+@pytest.mark.parametrize("argv,command", [
+    (["--params", "p.yaml", "--set", "stage1.max_steps=3", "stage1", "--no-progress"], "stage1"),
+    (["-v", "--set=a=1", "gate", "--candidate", "x", "--report-only"], "gate"),
+    (["fvd-net"], "fvd-net"),
+    (["--help"], None),
+    (["no-such-command", "--flag"], None),
+])
+def test_the_command_is_found_after_the_global_options(argv, command):
+    from anyflow.cli import command_in
+
+    assert command_in(argv) == command
+
+
+def test_a_command_imports_its_own_module_only():
+    """`anyflow <command>` builds the options of that command alone: before, every stage module (torch, diffusers,
+    onnx, dvc, ...) was imported first — about 5 s of each stage's start on the CI machine."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom anyflow import cli\n"
+            "for argv in (['--help'], ['--set', 'a=1', 'promote', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "    commands = {'anyflow.stages.' + module for module, _ in cli.COMMANDS.values()}\n"
+            "    print(sorted(commands & set(sys.modules)), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert lines == ["[] False", "['anyflow.stages.promote'] False"], out
