@@ -164,45 +164,6 @@ def test_release_flow_refuses_stale_candidate_and_rolls_back(tmp_path, prefect_h
     assert _latest(repo) == "r1" and not (repo / "registry/releases/r3").exists()
 
 
-def test_distill_through_real_dvc_repro(tmp_path, prefect_harness):
-    """The default command path: each task runs `dvc repro --single-item <stage>` on a DVC project whose stages are
-    the fake commands. Unchanged stages are skipped by DVC; a gate param change re-runs only the gate, which fails
-    through DVC's non-zero exit and promotes nothing."""
-    import subprocess
-
-    from flows.distill import distill
-    from tasks.commands import Commands
-
-    repo = _repo(tmp_path, tolerance=0.02)
-    fake = f"{sys.executable} fake_stage.py"
-    stages = {s: {"cmd": f"{fake} {s}", "deps": ["fake_stage.py"], "metrics": [{f"metrics/{s}.json": {"cache": False}}]}
-              for s in ("synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
-                        "gate_baseline", "gate_sanity")}
-    stages["gate"] = {"cmd": f"{fake} gate", "deps": ["fake_stage.py", "metrics/stage2.json"],
-                      "params": ["gate.policy.total_tolerance"],
-                      "metrics": [{"metrics/gate.json": {"cache": False}}], "plots": ["artifacts/gate/step_scaling.png"]}
-    stages["export"] = {"cmd": f"{fake} export", "deps": ["metrics/gate.json"], "outs": ["artifacts/release"]}
-    stages["stage1"]["deps"].append("metrics/synthesize.json")
-    stages["stage1_consistency"]["deps"].append("metrics/synthesize.json")
-    stages["stage2"]["deps"].append("metrics/stage1.json")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
-
-    cmds = Commands(anyflow=[sys.executable, "-m", "anyflow.cli"])  # default dvc templates
-    first = distill(repo=str(repo), release_name="dvc1", cmds=cmds)
-    assert first["promoted"] == "dvc1" and _latest(repo) == "dvc1"
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"synthesize", "stage1", "stage1_consistency", "stage2", "fvd_net", "gate_reference",
-                         "gate_baseline", "gate_sanity", "gate", "export"}
-
-    _params(repo, tolerance=-1.0)
-    (repo / "calls.log").write_text("")
-    second = distill(repo=str(repo), release_name="dvc2", cmds=cmds)
-    assert second["promoted"] is None and second["gate"]["passed"] is False
-    assert (repo / "calls.log").read_text().split() == ["gate"]  # DVC skipped the unchanged stages
-    assert _latest(repo) == "dvc1" and not (repo / "registry/releases/dvc2").exists()
-
-
 def test_gate_crash_fails_the_flow_instead_of_reading_as_not_promoted(tmp_path, prefect_harness):
     from prefect import flow
 
