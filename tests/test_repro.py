@@ -350,11 +350,16 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
-def test_interrupting_the_runner_stops_the_stage_commands_too(project):
-    """Ctrl-C (SIGINT) on ``anyflow repro`` ends the running stages' commands, not only their ``dvc`` processes: a
-    command left running would hold its core (and its outputs) after the runner exited."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupting_the_runner_stops_the_stage_commands_too(project, sig):
+    """Ctrl-C (SIGINT) or SIGTERM (kill, a Prefect cancellation) on ``anyflow repro`` ends the running stages'
+    commands, not only their ``dvc`` processes: a command left running would hold its core (and its outputs) after
+    the runner exited."""
     import signal
     import time
+
+    def default_sigint():  # a background job of a non-interactive shell (`make test &`) starts with SIGINT ignored,
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # and Python keeps it so: give the runner a terminal's
 
     (project / "dvc.yaml").write_text("""\
 stages:
@@ -363,14 +368,14 @@ stages:
     outs: [never.txt]
 """)
     runner = subprocess.Popen([str(BIN / "anyflow"), "repro", "--jobs", "1"], cwd=project, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     pid_file = project / "child.pid"
     deadline = time.time() + 60
     while not (pid_file.exists() and pid_file.read_text().strip()) and time.time() < deadline:
         time.sleep(0.2)
     child = int(pid_file.read_text())
     os.kill(child, 0)  # running
-    runner.send_signal(signal.SIGINT)
+    runner.send_signal(getattr(signal, sig))
     runner.wait(timeout=60)
     deadline = time.time() + 10
     while time.time() < deadline:

@@ -179,6 +179,7 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
     slots = cpu_slots(jobs) if pin else None
     free = list(range(jobs))  # slot indices not taken by a running stage
     t_start = time.perf_counter()
+    restore = _terminate_as_interrupt()
     try:
         while pending or running:
             changed = True
@@ -258,8 +259,25 @@ def run(root: Path, p: Plan, jobs: int, logs: Path, dvc: Optional[str] = None, e
                 proc.wait()
             fh.close()
         raise
+    finally:
+        restore()
     result["_wall_seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a Prefect cancellation, a CI timeout) stops the stages as Ctrl-C does; returns the undo.
+    Only the main thread may set handlers: elsewhere nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, before)
 
 
 def summary(result: dict, jobs: int) -> str:
