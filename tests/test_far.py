@@ -313,3 +313,22 @@ def test_broadcast_dense_mask_equals_torch_create_mask(teacher, scfg):
         ours = _dense_mask(bm, n, n, "cpu")
         assert ours.shape == (1, 1, n, n) and 0 < int(ours.sum()) < n * n
         assert torch.equal(ours, ref[:, :, :n, :n]), (mode, clean)
+
+
+def test_attention_mask_cache_never_serves_a_freed_masks_entry():
+    """The dense-mask cache was keyed by id(): the KV-cache steps and stage 2 build a block mask per call, so a new
+    mask of other content could get a freed one's id and be served its stale dense mask. It holds the mask now."""
+    from anyflow.models.far import DenseFARAttnProcessor, _dense_mask
+
+    class Mask:  # what _dense_mask reads of a BlockMask
+        def __init__(self, mask_mod):
+            self.mask_mod = mask_mod
+
+    proc = DenseFARAttnProcessor("dense")
+    causal = Mask(lambda b, h, q, kv: q >= kv)
+    proc._mask(causal, 6, 6, "cpu")
+    freed = id(causal)
+    del causal
+    masks = [Mask(lambda b, h, q, kv: q <= kv) for _ in range(50)]  # one of them may take the freed id
+    for m in masks:
+        assert torch.equal(proc._mask(m, 6, 6, "cpu"), _dense_mask(m, 6, 6, "cpu")), id(m) == freed

@@ -145,13 +145,16 @@ class DenseFARAttnProcessor:
             raise ValueError(f"FAR attention mode: unknown {mode!r} ({' | '.join(MODES)})")
         self.mode = mode
         self._flex = _causal_processor_cls()()
-        self._cache: tuple = (None, None)
+        self._cache: tuple = (None, None, None)  # (block mask, (q_len, kv_len, device), its dense mask)
 
     def _mask(self, block_mask, q_len: int, kv_len: int, device) -> torch.Tensor:
-        key = (id(block_mask), q_len, kv_len, str(device))
-        if self._cache[0] != key or self._cache[1] is None:
-            self._cache = (key, _dense_mask(block_mask, q_len, kv_len, device))
-        return self._cache[1]
+        # the cache holds the block mask itself: keyed by id() alone, a freed mask's id could be reused by a new one
+        # of other content (the KV-cache steps and stage 2's recomputed chunks build theirs per call)
+        cached, key, dense = self._cache
+        if cached is not block_mask or key != (q_len, kv_len, str(device)):
+            dense = _dense_mask(block_mask, q_len, kv_len, device)
+            self._cache = (block_mask, (q_len, kv_len, str(device)), dense)
+        return dense
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask=None, rotary_emb=None, kv_cache=None, kv_cache_flag=None) -> torch.Tensor:
