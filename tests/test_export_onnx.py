@@ -167,3 +167,33 @@ def test_onnxruntime_sessions_use_as_many_threads_as_the_cpus_the_process_may_ru
     finally:
         os.sched_setaffinity(0, before)
     assert session(onnx_file).get_session_options().intra_op_num_threads == len(before)
+
+
+def test_exported_graph_carries_no_source_paths(tmp_path):
+    """The dynamo exporter writes each node's Python stack trace — absolute paths of this checkout, its virtualenv
+    and line numbers — into the graph; a release's bytes (its DVC hash) then depended on where the repository was
+    cloned. The exported graph holds no such path and still computes the module."""
+    import onnx
+    import onnxruntime as ort
+    from pathlib import Path
+
+    from anyflow.export.onnx_export import _export
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x)) * 2.0
+
+    torch.manual_seed(0)
+    m, x = Tiny(), torch.randn(2, 4)
+    path = _export(m, (x,), tmp_path / "tiny.onnx", ["x"], ["y"], None, 18)
+    data = path.read_bytes()
+    for where in (Path(__file__).resolve().parents[1], Path(torch.__file__).resolve().parents[1]):
+        assert str(where).encode() not in data, where
+    model = onnx.load(str(path))
+    assert not [p for n in model.graph.node for p in n.metadata_props if p.key == "pkg.torch.onnx.stack_trace"]
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert abs(y - m(x).detach().numpy()).max() < 1e-6

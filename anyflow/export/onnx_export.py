@@ -103,8 +103,21 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: Sequence[st
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=opset, input_names=list(input_names),
                                  output_names=list(output_names), dynamic_shapes=dynamic_shapes, verbose=False)
+        _drop_source_paths(prog.model)
         prog.save(str(path), external_data=_needs_external(module))
     return path
+
+
+def _drop_source_paths(model) -> None:
+    """Remove the dynamo exporter's per-node Python stack traces (``pkg.torch.onnx.stack_trace``: absolute paths of
+    this checkout and its virtualenv, and line numbers) from an ``onnx_ir`` model, in the main graph, its subgraphs
+    and its functions. With them a release's bytes — and its DVC hash — depended on where the repository was cloned
+    and on the line numbers of the code the graph traced through. The graph itself (nodes, initialisers) is
+    untouched; the other metadata (namespace, class hierarchy, the FX node) holds no path."""
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def _needs_external(module: nn.Module) -> bool:
@@ -305,8 +318,8 @@ def parity(path: Path, torch_fn: Callable[..., torch.Tensor], inputs: Mapping[st
 
 
 # ------------------------------------------------------------------------------------------------ FAR: VAE encoder
-# (appended here, below everything the bidirectional graphs trace: the dynamo exporter records source line numbers
-# in each node's stack trace, so the bidirectional release stays byte-identical)
+# (appended below the bidirectional graphs' code; the exported graphs no longer carry source lines or paths,
+# :func:`_drop_source_paths`)
 class VaeEncoderGraph(nn.Module):
     """``video (B, 3, F_px, H, W) in [−1, 1] → (mode(q(z|x)) − mean) / std`` (B, C, F, h, w), as
     :func:`anyflow.models.teacher.encode_video` (the mode is the mean half of the posterior's moments). The
